@@ -1,0 +1,15 @@
+"""Approach registry: one file per method, one `@APPROACHES.register` line each."""
+from __future__ import annotations
+
+import importlib
+
+from mmcl.approaches.base import Approach, Progress
+from mmcl.registry import Registry
+
+APPROACHES: Registry[type[Approach]] = Registry("approach", flag="baseline")
+
+_MODULES = ("finetune", "joint", "one", "replay", "ewc", "lwf")
+for _name in _MODULES:
+    APPROACHES.add_loader(lambda n=_name: importlib.import_module(f"mmcl.approaches.{n}"))
+
+__all__ = ["APPROACHES", "Approach", "Progress"]

@@ -1,0 +1,146 @@
+"""The Approach interface: a method owns the model and everything method-specific.
+
+The engine calls, per task t:
+    before_task(task) -> [training_step(batch, task) per batch, between
+    before_optimizer_step() / after_optimizer_step()] -> after_task(task, loader)
+and after every task predict(batch, task_id) on each task's test set. Anything the
+engine does not know (Fisher matrices, masks, capsules, prompts, memories) stays in
+the approach's file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from mmcl.backbones.base import Backbone
+from mmcl.data.sequence import Scenario, Task, TaskSequence
+from mmcl.heads import ContinualModel, Heads
+
+
+@dataclass
+class Progress:
+    """Where training is inside the current task (HAT anneals s over it)."""
+
+    epoch: int = 0
+    num_epochs: int = 1
+    batch: int = 0
+    num_batches: int = 1
+    global_step: int = 0
+
+
+class Approach(nn.Module):
+    name: ClassVar[str] = ""
+    scenarios: ClassVar[tuple[str, ...]] = ("til", "dil", "cil")
+    needs_task_id: ClassVar[bool] = False  # at test time
+    uses_memory: ClassVar[bool] = False
+    modalities: ClassVar[tuple[str, ...]] = ("text", "image")
+
+    def __init__(self, backbone: Backbone, seq: TaskSequence, scenario: Scenario, cfg) -> None:
+        super().__init__()
+        if scenario.name not in self.scenarios:
+            raise ValueError(
+                f"--baseline {self.name} supports scenarios {', '.join(self.scenarios)}, not '{scenario.name}'"
+            )
+        if self.needs_task_id and not scenario.task_id_at_test:
+            raise ValueError(f"--baseline {self.name} needs the task id at test time; scenario '{scenario.name}' gives none")
+        self.cfg = cfg
+        self.seq = seq
+        self.scenario = scenario
+        self.model = self.build_model(backbone)
+        self.current_task: Task | None = None
+        self.progress = Progress()
+        # set by the engine (`bind`): turns dataset rows into a batch on the right device
+        self._collate: Callable[[list[dict]], dict] | None = None
+        self._accelerator = None
+
+    # -- construction -------------------------------------------------------------------
+    def build_model(self, backbone: Backbone) -> nn.Module:
+        layout = self.scenario.head_layout(self.seq)
+        heads = Heads(backbone.feature_dim, layout, per_task=self.scenario.name == "til")
+        return ContinualModel(backbone, heads)
+
+    def bind(self, accelerator, collate: Callable[[list[dict]], dict]) -> None:
+        self._accelerator = accelerator
+        self._collate = collate
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def batch_from_rows(self, rows: list[dict]) -> dict:
+        """Collate dataset rows (e.g. from a memory) and move them to the model's device."""
+        batch = self._collate(rows)
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # -- hooks ---------------------------------------------------------------------------
+    def train_dataset(self, task: Task):
+        """What the engine iterates over while learning `task` (joint widens it)."""
+        return task.train
+
+    def before_task(self, task: Task) -> None:
+        self.current_task = task
+        heads = getattr(self.model, "heads", None)
+        if isinstance(heads, Heads) and not heads.per_task:
+            heads.active = self.scenario.active_classes(self.seq, task.id + 1)
+
+    def training_step(self, batch: dict, task: Task) -> torch.Tensor:
+        return self.model.loss(batch)
+
+    def before_optimizer_step(self) -> None:
+        """After backward, before the step: gradient surgery (HAT masks) goes here."""
+
+    def after_optimizer_step(self) -> None:
+        """After the step: clamping, projections."""
+
+    def after_task(self, task: Task, loader) -> None:
+        """Fisher information, memory updates, snapshots."""
+
+    @torch.no_grad()
+    def predict(self, batch: dict, task_id: int | None) -> torch.Tensor:
+        """Logits in the scenario's label space; `task_id` is None unless the scenario gives it."""
+        return self.model(batch, task_id)
+
+    def parameters_to_train(self) -> Iterable[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        # The engine calls the (possibly DDP-wrapped) approach, so gradients synchronise.
+        return self.training_step(batch, self.current_task)
+
+    # -- checkpoint state beyond tensors (JSON) ---------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class BufferDict(nn.Module):
+    """Named tensors saved with the model but never trained (Fisher, anchors, snapshots)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self._keys: dict[str, str] = {}
+        for name, t in tensors.items():
+            key = name.replace(".", "__")
+            self._keys[name] = key
+            self.register_buffer(key, t)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return getattr(self, self._keys[name])
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        getattr(self, self._keys[name]).copy_(value)
+
+    def keys(self):
+        return self._keys.keys()
+
+    def items(self):
+        return ((k, self[k]) for k in self._keys)
+
+
+def trainable_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,74 @@
+"""Elastic weight consolidation (Kirkpatrick et al. 2017) with a merged diagonal empirical Fisher.
+
+Penalty: lamb/2 * sum_i F_i (theta_i - theta*_i)^2, theta* = weights after the last task.
+Merge across tasks as PyContinual does, F = (F_new + t F_old) / (t + 1), or online EWC
+(F = gamma F_old + F_new) with --ewc_gamma.
+"""
+from __future__ import annotations
+
+import torch
+
+from mmcl.approaches import APPROACHES
+from mmcl.approaches.base import Approach, BufferDict, trainable_named_parameters
+from mmcl.data.sequence import Task
+
+
+@APPROACHES.register("ewc")
+class EWC(Approach):
+    name = "ewc"
+
+    def __init__(self, backbone, seq, scenario, cfg) -> None:
+        super().__init__(backbone, seq, scenario, cfg)
+        params = trainable_named_parameters(self.model)
+        self.fisher = BufferDict({n: torch.zeros_like(p) for n, p in params.items()})
+        self.anchor = BufferDict({n: p.detach().clone() for n, p in params.items()})
+        self.lamb = cfg.lamb
+
+    def penalty(self) -> torch.Tensor:
+        total = None
+        for name, p in trainable_named_parameters(self.model).items():
+            term = (self.fisher[name] * (p.float() - self.anchor[name]) ** 2).sum()
+            total = term if total is None else total + term
+        return 0.5 * self.lamb * total
+
+    def training_step(self, batch: dict, task: Task) -> torch.Tensor:
+        loss = self.model.loss(batch)
+        if task.id > 0:
+            loss = loss + self.penalty()
+        return loss
+
+    def fisher_diagonal(self, loader) -> dict[str, torch.Tensor]:
+        """Empirical Fisher: mean over examples of squared gradients of the log-likelihood (fp32)."""
+        params = trainable_named_parameters(self.model)
+        fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        count = torch.zeros((), device=self.device)
+        was_training = self.model.training
+        self.model.train()
+        for batch in loader:
+            self.model.zero_grad(set_to_none=True)
+            n = batch["labels"].shape[0]
+            self.model.loss(batch).backward()
+            for name, p in params.items():
+                if p.grad is not None:
+                    fisher[name] += p.grad.detach().float() ** 2 * n
+            count += n
+        self.model.zero_grad(set_to_none=True)
+        self.model.train(was_training)
+        acc = self._accelerator
+        if acc is not None and acc.num_processes > 1:
+            # each rank saw its shard: sum the sums, then divide by the global count
+            fisher = {n: acc.reduce(f, reduction="sum") for n, f in fisher.items()}
+            count = acc.reduce(count, reduction="sum")
+        return {n: f / count.clamp_min(1) for n, f in fisher.items()}
+
+    def after_task(self, task: Task, loader) -> None:
+        new = self.fisher_diagonal(loader)
+        t = task.id
+        with torch.no_grad():
+            for name, p in trainable_named_parameters(self.model).items():
+                old = self.fisher[name]
+                if self.cfg.ewc_gamma is None:
+                    self.fisher[name] = (new[name] + t * old) / (t + 1)
+                else:
+                    self.fisher[name] = self.cfg.ewc_gamma * old + new[name]
+                self.anchor[name] = p.detach()

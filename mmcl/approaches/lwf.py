@@ -1,0 +1,66 @@
+"""Learning without Forgetting (Li & Hoiem 2016): distil the previous model's outputs on new data.
+
+For task-incremental heads the old tasks' heads are distilled; for a shared or growing head
+the outputs that existed before the task. KL at temperature T, scaled by T^2.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from mmcl.approaches import APPROACHES
+from mmcl.approaches.base import Approach
+from mmcl.data.sequence import Task
+
+
+def distillation(new_logits: torch.Tensor, old_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    t = temperature
+    log_p = F.log_softmax(new_logits.float() / t, dim=-1)
+    q = F.softmax(old_logits.float() / t, dim=-1)
+    return F.kl_div(log_p, q, reduction="batchmean") * t * t
+
+
+@APPROACHES.register("lwf")
+class LwF(Approach):
+    name = "lwf"
+
+    def __init__(self, backbone, seq, scenario, cfg) -> None:
+        super().__init__(backbone, seq, scenario, cfg)
+        self._old: list[torch.nn.Module] = []  # a list: the snapshot is not a submodule (not saved, not trained)
+        self._old_active = 0
+
+    @property
+    def old_model(self) -> torch.nn.Module | None:
+        return self._old[0] if self._old else None
+
+    def before_task(self, task: Task) -> None:
+        self._old_active = self.scenario.active_classes(self.seq, task.id)
+        super().before_task(task)
+        if task.id > 0:
+            old = copy.deepcopy(self.model).eval()
+            old.requires_grad_(False)
+            self._old = [old]
+
+    def distillation_loss(self, batch: dict, task: Task, features: torch.Tensor) -> torch.Tensor:
+        old = self.old_model
+        with torch.no_grad():
+            old_features = old.features(batch)
+        heads_new, heads_old = self.model.heads, old.heads
+        if heads_new.per_task:
+            losses = [distillation(heads_new(features, u), heads_old(old_features, u), self.cfg.temperature)
+                      for u in range(task.id)]
+            return torch.stack(losses).mean()
+        k = self._old_active if self.scenario.name == "cil" else heads_new.layout[0]
+        new_logits = heads_new.heads[0](features)[:, :k]
+        with torch.no_grad():
+            old_logits = heads_old.heads[0](old_features)[:, :k]
+        return distillation(new_logits, old_logits, self.cfg.temperature)
+
+    def training_step(self, batch: dict, task: Task) -> torch.Tensor:
+        features = self.model.features(batch)
+        loss = self.model.loss(batch, features)
+        if self.old_model is not None:
+            loss = loss + self.cfg.lwf_lambda * self.distillation_loss(batch, task, features)
+        return loss

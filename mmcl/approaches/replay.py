@@ -1,0 +1,52 @@
+"""Experience replay: each step also trains on a batch drawn from a rehearsal memory.
+
+The memory (reservoir or class-balanced, `--memory_size` examples in total) is filled
+after each task from the whole task, so every process holds the same memory.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mmcl.approaches import APPROACHES
+from mmcl.approaches.base import Approach
+from mmcl.data.sequence import Task
+from mmcl.memory import Memory
+
+
+@APPROACHES.register("replay", aliases=("er",))
+class Replay(Approach):
+    name = "replay"
+    uses_memory = True
+
+    def __init__(self, backbone, seq, scenario, cfg) -> None:
+        super().__init__(backbone, seq, scenario, cfg)
+        self.memory = Memory(cfg.memory_size, cfg.buffer, seed=cfg.seed)
+        self._rng = np.random.default_rng(cfg.seed)
+
+    def before_task(self, task: Task) -> None:
+        super().before_task(task)
+        self._rng = np.random.default_rng(self.cfg.seed + 7919 * (task.id + 1))
+
+    def memory_batch(self, n: int) -> dict | None:
+        refs = self.memory.sample(n, self._rng)
+        if not refs:
+            return None
+        rows = [self.seq[t].train[r] for t, r in refs]
+        return self.batch_from_rows(rows)
+
+    def training_step(self, batch: dict, task: Task) -> torch.Tensor:
+        loss = self.model.loss(batch)
+        replay = self.memory_batch(batch["labels"].shape[0])
+        if replay is not None:
+            loss = (loss + self.model.loss(replay)) / 2
+        return loss
+
+    def after_task(self, task: Task, loader) -> None:
+        self.memory.add_task(task.id, task.train["target"])
+
+    def extra_state(self) -> dict:
+        return {"memory": self.memory.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.memory.load_state_dict(state["memory"])

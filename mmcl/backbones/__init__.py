@@ -1,0 +1,32 @@
+"""Backbone registry. A backbone embeds one modality's inputs into a feature vector.
+
+Factories take `(cfg: RunConfig, spec: BackboneSpec)` and return a `Backbone`.
+Modules import timm / transformers / peft lazily, so listing names stays cheap.
+"""
+from __future__ import annotations
+
+from mmcl.backbones.base import Backbone, BackboneSpec
+from mmcl.registry import Registry
+
+BACKBONES: Registry = Registry("backbone")
+BACKBONES.add_loader(lambda: __import__("mmcl.backbones.vision"))
+BACKBONES.add_loader(lambda: __import__("mmcl.backbones.text"))
+
+
+def build_backbone(cfg, spec: BackboneSpec) -> Backbone:
+    """A registered name, or else any Hugging Face model id / local path as a `bert`-style text encoder."""
+    from mmcl.registry import UnknownNameError
+
+    try:
+        factory = BACKBONES.get(cfg.backbone)
+    except UnknownNameError:
+        from mmcl.backbones.text import looks_like_hf_model
+
+        if not looks_like_hf_model(cfg.backbone):
+            raise
+        factory = BACKBONES.get("bert")
+        cfg.bert_model = cfg.backbone
+    return factory(cfg, spec)
+
+
+__all__ = ["BACKBONES", "Backbone", "BackboneSpec", "build_backbone"]

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BackboneSpec:
+    """What the task sequence tells the backbone about its inputs."""
+
+    modalities: tuple[str, ...]
+    image_shape: tuple[int, ...] | None = None  # (H, W) or (H, W, C) of the first image task
+
+
+class Backbone(nn.Module):
+    """Embeds a batch of one modality into `(B, feature_dim)` features.
+
+    `preprocess` turns a task split into model-ready columns once (cached by `datasets`);
+    `collate_inputs` turns a list of those rows into tensors; `forward` gives features.
+    """
+
+    modality: str = ""
+    feature_dim: int = 0
+    input_keys: tuple[str, ...] = ()
+
+    def preprocess(self, dataset):  # -> datasets.Dataset
+        raise NotImplementedError
+
+    def collate_inputs(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def accepts(self, modality: str) -> bool:
+        return modality == self.modality

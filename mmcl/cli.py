@@ -1,0 +1,129 @@
+"""Command line: `mmcl run|list|report`. `run.py` is `mmcl run` under PyContinual's entry point.
+
+Every RunConfig field is a flag of the same name (`--num_train_epochs`, `--idrandom`, ...);
+only flags given explicitly override the task's defaults and predefined args.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import typing
+from pathlib import Path
+
+from mmcl.config import RunConfig, build_config
+
+HIDDEN = {"extra"}
+
+
+def _flag_type(field: dataclasses.Field):
+    hint = typing.get_type_hints(RunConfig)[field.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    return base
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    for field in dataclasses.fields(RunConfig):
+        if field.name in HIDDEN:
+            continue
+        kind = _flag_type(field)
+        default = field.default if field.default is not dataclasses.MISSING else None
+        help_ = f"default: {default}"
+        if kind is bool:
+            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_)
+        else:
+            parser.add_argument(f"--{field.name}", type=kind, default=argparse.SUPPRESS, help=help_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmcl", description="Multimodal continual learning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a continual-learning experiment")
+    add_run_flags(run)
+    sub.add_parser("list", help="list backbones, approaches, task sequences and scenarios")
+    report = sub.add_parser("report", help="re-render results.md and the plot of a run directory")
+    report.add_argument("run_dir")
+    return parser
+
+
+def cmd_run(values: dict) -> int:
+    if os.environ.get("MMCL_OFFLINE", "1") == "1":
+        # The hub is often unreachable and its calls then hang; set HF_HUB_OFFLINE=0 (or MMCL_OFFLINE=0) to use it.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from mmcl.engine import Engine
+
+    if values.get("resume"):
+        cfg = RunConfig.load(Path(values["resume"]) / "config.yaml")
+        cfg.resume = values["resume"]
+        cfg.progress = values.get("progress", cfg.progress)
+    else:
+        cfg = build_config(values)
+    engine = Engine(cfg)
+    matrix = engine.run()
+    if engine.is_main:
+        s = matrix.summary()
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"\nrun dir: {engine.run_dir}")
+        print(f"ACC {fmt(s['acc_final'])}  macro-F1 {fmt(s['macro_f1_final'])}  BWT {fmt(s['bwt'])}  "
+              f"FWT {fmt(s['fwt'])}  forgetting {fmt(s['forgetting'])}  AIA {fmt(s['aia'])}")
+    _shutdown(engine.accelerator)
+    return 0
+
+
+def _shutdown(accelerator) -> None:
+    # Multi-node runs need every rank to leave together, or the second agent dies at teardown.
+    import torch.distributed as dist
+
+    accelerator.wait_for_everyone()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def cmd_list() -> int:
+    from mmcl.approaches import APPROACHES
+    from mmcl.backbones import BACKBONES
+    from mmcl.data import SCENARIOS, TASK_SEQUENCES, task_spec
+
+    print("backbones:   ", ", ".join(BACKBONES.names()), "(or any Hugging Face model id / local path)")
+    print("approaches:  ", ", ".join(APPROACHES.names()))
+    print("scenarios:   ", ", ".join(SCENARIOS.names(with_aliases=True)))
+    print("task sequences:")
+    for name in TASK_SEQUENCES.names():
+        print(f"  {name:<16} {task_spec(name).get('description', '')}")
+    return 0
+
+
+def cmd_report(run_dir: str) -> int:
+    from mmcl.reporting import load_metrics, write_report
+
+    matrix, meta = load_metrics(Path(run_dir))
+    write_report(Path(run_dir), matrix, meta)
+    print(f"re-rendered {run_dir}/results.md and accuracy_matrix.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    values = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        if args.command == "run":
+            return cmd_run(values)
+        if args.command == "list":
+            return cmd_list()
+        if args.command == "report":
+            return cmd_report(values["run_dir"])
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        from mmcl.registry import UnknownNameError
+
+        if isinstance(e, KeyError) and not isinstance(e, UnknownNameError):
+            raise
+        print(f"mmcl: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""RunConfig: every setting of a run, with PyContinual's flag names where they exist.
+
+Precedence, lowest first: dataclass defaults < the task sequence's `defaults:` <
+`tasks/predefined/<task>.yaml` (with --use_predefine_args) < flags given on the command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class RunConfig:
+    # what to run
+    task: str = "vader4"
+    backbone: str = "bert_adapter"
+    baseline: str = "ctr"  # the approach; PyContinual calls it --baseline
+    scenario: str = "til"
+    idrandom: int = 0
+    ntasks: int | None = None
+    data_dir: str | None = None
+    use_predefine_args: bool = False
+    # data sizes
+    train_data_size: int | None = None  # PyContinual's "small" variant: n training examples per task
+    max_train_per_task: int | None = None
+    data_seed: int | None = None  # defaults to seed
+    # training
+    seed: int = 0
+    num_train_epochs: float = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    train_batch_size: int = 32
+    eval_batch_size: int = 128
+    max_seq_length: int = 128
+    lr_scheduler: str = "constant"  # constant | linear | cosine
+    warmup_proportion: float = 0.0
+    clipgrad: float = 10000.0
+    select_best: bool = False  # keep the epoch with the best validation accuracy (PyContinual's default)
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    cpu: bool = False
+    # backbones
+    bert_model: str | None = None  # HF id or local path; default: the offline MiniLM
+    bert_adapter_size: int = 128
+    pooling: str = "mean"
+    lora_r: int = 8
+    lora_alpha: int = 16
+    pretrained: str | None = None  # timm name or safetensors path for vision backbones
+    vit_embed_dim: int = 192
+    vit_depth: int = 4
+    vit_heads: int = 3
+    patch_size: int | None = None
+    # approaches
+    lamb: float = 5000.0  # EWC lambda (PyContinual --lamb)
+    ewc_gamma: float | None = None  # None: PyContinual's running mean (F_new + t F_old)/(t+1); else online EWC decay
+    temperature: float = 2.0  # LwF distillation temperature
+    lwf_lambda: float = 1.0
+    memory_size: int = 200  # rehearsal buffer size (examples, global across processes)
+    buffer: str = "reservoir"  # reservoir | class_balanced
+    smax: float = 400.0  # HAT
+    thres_cosh: float = 50.0
+    hat_c: float = 0.75
+    # output
+    output_dir: str = "runs"
+    run_name: str | None = None
+    resume: str | None = None
+    save_checkpoints: bool = True
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "RunConfig":
+        unknown = set(values) - cls.field_names()
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {sorted(unknown)}; see `mmcl run --help`")
+        return cls(**values)
+
+    def save(self, path: Path) -> None:
+        from mmcl.reporting import write_text_atomic
+
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {}, source=str(path))
+
+
+def check_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
+    import difflib
+
+    valid = RunConfig.field_names()
+    for key in values:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=2)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise ValueError(f"{source}: unknown setting '{key}'.{hint}")
+    return values
+
+
+def predefined_args(task: str, backbone: str, baseline: str, tasks_dir: Path) -> dict[str, Any]:
+    """Tuned values from `tasks/predefined/<task>.yaml`.
+
+    The file holds `default:` plus optional sections keyed `backbone`, `baseline` or
+    `backbone/baseline`, applied in that order (more specific wins).
+    """
+    path = tasks_dir / "predefined" / f"{task}.yaml"
+    if not path.is_file():
+        return {}
+    with open(path) as f:
+        table = yaml.safe_load(f) or {}
+    merged: dict[str, Any] = {}
+    for key in ("default", backbone, baseline, f"{backbone}/{baseline}"):
+        merged.update(check_keys(table.get(key) or {}, f"{path} [{key}]"))
+    return merged
+
+
+def build_config(cli_values: dict[str, Any]) -> RunConfig:
+    """Merge the layers; `cli_values` holds only flags the user gave explicitly."""
+    from mmcl.data import TASKS_DIR, task_spec
+
+    check_keys(cli_values, "command line")
+    base = RunConfig()
+    task = cli_values.get("task", base.task)
+    backbone = cli_values.get("backbone", base.backbone)
+    baseline = cli_values.get("baseline", base.baseline)
+    values: dict[str, Any] = {}
+    spec = task_spec(task)
+    values.update(check_keys(spec.get("defaults") or {}, f"{spec['_path']} [defaults]"))
+    if cli_values.get("use_predefine_args"):
+        values.update(predefined_args(spec["name"], backbone, baseline, TASKS_DIR))
+    values.update(cli_values)
+    cfg = dataclasses.replace(base, **values)
+    if cfg.data_seed is None:
+        cfg.data_seed = cfg.seed
+    return cfg

@@ -1,0 +1,171 @@
+"""Tasks, task sequences and scenarios.
+
+A reader returns a `TaskSequence`: tasks with their own `datasets.Dataset` splits
+and local labels 0..n-1. The `Scenario` decides what the model is told (a task id
+or not) and which label space the targets live in, so readers never know about
+scenarios and approaches never know about readers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+from mmcl.registry import Registry
+
+if TYPE_CHECKING:  # datasets is imported lazily by the readers
+    import datasets
+
+MODALITIES = ("text", "image")
+
+
+@dataclass
+class Task:
+    """One task of a sequence.
+
+    Splits are `datasets.Dataset`s with a `label` column (local ids, 0..len(classes)-1)
+    and the modality's inputs: `text` (and optionally `text_pair`) for text,
+    `image` (uint8 array, HxW or HxWxC) for images.
+    """
+
+    id: int
+    name: str
+    modality: str
+    classes: list[str]
+    train: "datasets.Dataset"
+    valid: "datasets.Dataset"
+    test: "datasets.Dataset"
+    class_offset: int = 0  # first global class id (set by TaskSequence for CIL)
+    info: dict = field(default_factory=dict)  # reader-specific facts (domain, source file, ...)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def global_classes(self) -> range:
+        return range(self.class_offset, self.class_offset + self.num_classes)
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"task '{self.name}': modality must be one of {MODALITIES}, got '{self.modality}'")
+
+
+@dataclass
+class TaskSequence:
+    name: str
+    tasks: list[Task]
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        offset = 0
+        for i, task in enumerate(self.tasks):
+            task.id = i
+            task.class_offset = offset
+            offset += task.num_classes
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, i: int) -> Task:
+        return self.tasks[i]
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted({t.modality for t in self.tasks})
+
+    @property
+    def total_classes(self) -> int:
+        return sum(t.num_classes for t in self.tasks)
+
+    def head_layout(self, scenario: "Scenario") -> list[int]:
+        """Output sizes of the heads the scenario needs for this sequence."""
+        return scenario.head_layout(self)
+
+
+class Scenario:
+    """What a learner is told and which label space targets live in.
+
+    name: registry name; task_id_at_test: whether `predict` receives the task id.
+    """
+
+    name: str = ""
+    task_id_at_test: bool = True
+    task_boundaries: bool = True
+
+    def head_layout(self, seq: TaskSequence) -> list[int]:
+        raise NotImplementedError
+
+    def target(self, task: Task, local_label: int) -> int:
+        raise NotImplementedError
+
+    def active_classes(self, seq: TaskSequence, seen_tasks: int) -> int:
+        """How many outputs of a shared/growing head may be predicted after `seen_tasks` tasks."""
+        return sum(self.head_layout(seq))
+
+    def describe(self) -> str:
+        return self.name
+
+
+SCENARIOS: Registry[type[Scenario]] = Registry("scenario")
+
+
+@SCENARIOS.register("til", aliases=("til_classification", "task_incremental"))
+class TaskIncremental(Scenario):
+    """A head per task; the task id is given at train and test time (PyContinual TIL)."""
+
+    name = "til"
+
+    def head_layout(self, seq: TaskSequence) -> list[int]:
+        return [t.num_classes for t in seq.tasks]
+
+    def target(self, task: Task, local_label: int) -> int:
+        return local_label
+
+
+@SCENARIOS.register("dil", aliases=("dil_classification", "domain_incremental"))
+class DomainIncremental(Scenario):
+    """One shared head over a shared label space; no task id at test time."""
+
+    name = "dil"
+    task_id_at_test = False
+
+    def head_layout(self, seq: TaskSequence) -> list[int]:
+        return [max(t.num_classes for t in seq.tasks)]
+
+    def target(self, task: Task, local_label: int) -> int:
+        return local_label
+
+
+@SCENARIOS.register("cil", aliases=("cil_classification", "class_incremental"))
+class ClassIncremental(Scenario):
+    """Classes get global ids; one head grows with the classes seen; no task id at test time."""
+
+    name = "cil"
+    task_id_at_test = False
+
+    def head_layout(self, seq: TaskSequence) -> list[int]:
+        return [seq.total_classes]
+
+    def target(self, task: Task, local_label: int) -> int:
+        return task.class_offset + local_label
+
+    def active_classes(self, seq: TaskSequence, seen_tasks: int) -> int:
+        return sum(t.num_classes for t in seq.tasks[:seen_tasks])
+
+
+def get_scenario(name: str) -> Scenario:
+    return SCENARIOS.get(name)()
+
+
+def check_labels(task: Task, split_names: Sequence[str] = ("train", "valid", "test")) -> None:
+    """Fail early, naming the task and split, if a label is outside 0..num_classes-1."""
+    for split in split_names:
+        labels = getattr(task, split)["label"]
+        if len(labels) and (min(labels) < 0 or max(labels) >= task.num_classes):
+            raise ValueError(
+                f"task '{task.name}' split '{split}': labels must be in 0..{task.num_classes - 1}, "
+                f"found {min(labels)}..{max(labels)}"
+            )

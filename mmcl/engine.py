@@ -1,0 +1,351 @@
+"""The run loop: for each task, train it, then test every task; report and checkpoint row by row.
+
+Runs the same under `python run.py` and `accelerate launch run.py`: Accelerate owns devices,
+processes and mixed precision. Each task starts from `seed + t`, so a run resumed from the
+checkpoint of task t-1 continues exactly as the uninterrupted run would.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from mmcl.approaches import APPROACHES, Approach
+from mmcl.backbones import BackboneSpec, build_backbone
+from mmcl.config import RunConfig
+from mmcl.data import ReaderContext, load_task_sequence
+from mmcl.data.sequence import Task, TaskSequence, check_labels, get_scenario
+from mmcl.metrics import AccuracyMatrix, accuracy_and_macro_f1
+from mmcl.reporting import write_json_atomic, write_report
+
+CHECKPOINTS = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or does not belong to this run."""
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # per-task heads leave other tasks' parameters unused in a step
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
+
+
+def backbone_spec(seq: TaskSequence) -> BackboneSpec:
+    image_shape = None
+    for task in seq:
+        if task.modality == "image" and len(task.train):
+            image_shape = tuple(np.asarray(task.train[0]["image"]).shape)
+            break
+    return BackboneSpec(modalities=tuple(seq.modalities), image_shape=image_shape)
+
+
+def prepare_task(task: Task, backbone, scenario) -> None:
+    """Model-ready splits with scenario targets and task ids, replacing the raw ones."""
+    check_labels(task)
+    for split in ("train", "valid", "test"):
+        ds = backbone.preprocess(getattr(task, split))
+        labels = ds["label"]
+        ds = ds.add_column("target", [scenario.target(task, int(y)) for y in labels])
+        ds = ds.add_column("task_id", [task.id] * len(labels))
+        setattr(task, split, ds)
+
+
+class Collator:
+    def __init__(self, backbone) -> None:
+        self.backbone = backbone
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.backbone.collate_inputs(rows)
+        batch["labels"] = torch.tensor([int(r["target"]) for r in rows], dtype=torch.long)
+        batch["local_labels"] = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
+        batch["task_ids"] = torch.tensor([int(r["task_id"]) for r in rows], dtype=torch.long)
+        return batch
+
+
+def lr_lambda(kind: str, total: int, warmup: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        raise ValueError(f"--lr_scheduler must be constant, linear or cosine, got '{kind}'")
+
+    return f
+
+
+class Engine:
+    def __init__(self, cfg: RunConfig, accelerator=None, sequence: TaskSequence | None = None) -> None:
+        self.cfg = cfg
+        self._given_sequence = sequence  # tests and notebooks may pass a sequence instead of a task name
+        self.accelerator = accelerator or make_accelerator(cfg)
+        self.is_main = self.accelerator.is_main_process
+        self.run_dir: Path | None = None
+        self.log_path: Path | None = None
+
+    # -- set-up --------------------------------------------------------------------------
+    def setup(self) -> None:
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        set_seed(cfg.seed)
+        ctx = ReaderContext(
+            data_dir=Path(cfg.data_dir) if cfg.data_dir else None, idrandom=cfg.idrandom, ntasks=cfg.ntasks,
+            seed=cfg.data_seed if cfg.data_seed is not None else cfg.seed, train_data_size=cfg.train_data_size,
+            max_train_per_task=cfg.max_train_per_task,
+        )
+        self.scenario = get_scenario(cfg.scenario)
+        cfg.scenario = self.scenario.name
+        approach_cls = APPROACHES.get(cfg.baseline)
+        cfg.baseline = approach_cls.name
+        if self._given_sequence is not None:
+            self.seq = self._given_sequence
+        else:
+            with self.accelerator.main_process_first():
+                self.seq = load_task_sequence(cfg.task, ctx)
+        if len(self.seq) == 0:
+            raise ValueError(f"task sequence '{cfg.task}' has no tasks (check --ntasks)")
+        bad = [t.name for t in self.seq if t.modality not in approach_cls.modalities]
+        if bad:
+            raise ValueError(f"--baseline {cfg.baseline} does not handle the modality of tasks {bad}")
+        self.backbone = build_backbone(cfg, backbone_spec(self.seq))
+        bad = [f"{t.name} ({t.modality})" for t in self.seq if not self.backbone.accepts(t.modality)]
+        if bad:
+            raise ValueError(f"--backbone {cfg.backbone} cannot take tasks {bad}; choose a backbone for that modality")
+        with self.accelerator.main_process_first():
+            for task in self.seq:
+                prepare_task(task, self.backbone, self.scenario)
+        self.collate = Collator(self.backbone)
+        self.approach: Approach = approach_cls(self.backbone, self.seq, self.scenario, cfg)
+        self.approach.to(self.accelerator.device)
+        self.approach.bind(self.accelerator, self.collate)
+        self.matrix = AccuracyMatrix(len(self.seq), [t.name for t in self.seq])
+        if self.scenario.name == "cil":
+            self.matrix.til_acc = np.full((len(self.seq), len(self.seq)), np.nan)
+        self.minutes: list[float] = []
+
+    def make_run_dir(self) -> Path:
+        from accelerate.utils import broadcast_object_list
+
+        cfg = self.cfg
+        if cfg.resume:
+            path = Path(cfg.resume)
+        else:
+            name = cfg.run_name or f"{Path(cfg.task).stem}-{cfg.backbone.replace('/', '_')}-{cfg.baseline}-{time.strftime('%Y%m%d-%H%M%S')}"
+            path = Path(cfg.output_dir) / name
+        path = Path(broadcast_object_list([str(path)])[0])  # one name for all processes
+        if self.is_main:
+            path.mkdir(parents=True, exist_ok=True)
+            cfg.save(path / "config.yaml")
+        self.run_dir = path
+        self.log_path = path / "log.jsonl"
+        return path
+
+    # -- data ----------------------------------------------------------------------------
+    def loader(self, dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+        gen = torch.Generator().manual_seed(seed)
+        dl = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate, generator=gen)
+        return self.accelerator.prepare_data_loader(dl)
+
+    # -- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_task(self, task: Task, split: str = "test") -> tuple[float, float, float | None]:
+        """(accuracy %, macro-F1 %, task-aware accuracy % for CIL or None) on one task's split."""
+        acc = self.accelerator
+        approach = self.approach
+        approach.eval()
+        task_id = task.id if self.scenario.task_id_at_test else None
+        preds, labels, til_preds, local = [], [], [], []
+        for batch in self.loader(getattr(task, split), self.cfg.eval_batch_size, shuffle=False):
+            with acc.autocast():
+                logits = approach.predict(batch, task_id).float()
+            p = logits.argmax(-1)
+            lo = task.class_offset
+            tp = logits[:, lo : lo + task.num_classes].argmax(-1) if self.scenario.name == "cil" else p
+            p, y, tp, yl = acc.gather_for_metrics((p, batch["labels"], tp, batch["local_labels"]))
+            preds.append(p.cpu()); labels.append(y.cpu()); til_preds.append(tp.cpu()); local.append(yl.cpu())
+        approach.train()
+        y_true, y_pred = torch.cat(labels).numpy(), torch.cat(preds).numpy()
+        a, f1 = accuracy_and_macro_f1(y_true, y_pred, num_classes=int(max(y_true.max(), y_pred.max()) + 1))
+        til = None
+        if self.scenario.name == "cil":
+            til = float((torch.cat(til_preds) == torch.cat(local)).float().mean() * 100)
+        return a, f1, til
+
+    def evaluate_all(self) -> tuple[list[float], list[float], list[float] | None]:
+        rows = [self.evaluate_task(task) for task in self.seq]
+        til = [r[2] for r in rows] if self.scenario.name == "cil" else None
+        return [r[0] for r in rows], [r[1] for r in rows], til
+
+    # -- training --------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.approach.named_parameters() if p.requires_grad}
+
+    def train_task(self, task: Task) -> None:
+        from accelerate.utils import set_seed
+        from tqdm.auto import tqdm
+
+        cfg, acc, approach = self.cfg, self.accelerator, self.approach
+        set_seed(cfg.seed + task.id)
+        approach.before_task(task)
+        loader = self.loader(approach.train_dataset(task), cfg.train_batch_size, shuffle=True, seed=cfg.seed + task.id)
+        params = [p for p in approach.parameters_to_train() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        total = max(1, math.ceil(len(loader) * cfg.num_train_epochs))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.lr_scheduler, total, int(cfg.warmup_proportion * total))
+        )
+        model, optimizer, scheduler = acc.prepare(approach, optimizer, scheduler)
+        num_epochs = math.ceil(cfg.num_train_epochs)
+        best, best_state = -1.0, None
+        step = 0
+        bar = tqdm(total=total, desc=f"task {task.id} {task.name}", disable=not (cfg.progress and acc.is_local_main_process))
+        model.train()
+        for epoch in range(num_epochs):
+            steps_this_epoch = min(len(loader), total - step)
+            running = 0.0
+            for i, batch in enumerate(loader):
+                if i >= steps_this_epoch:
+                    break
+                approach.progress.__init__(epoch, num_epochs, i, steps_this_epoch, step)
+                loss = model(batch)
+                acc.backward(loss)
+                approach.before_optimizer_step()
+                if cfg.clipgrad:
+                    acc.clip_grad_norm_(params, cfg.clipgrad)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                approach.after_optimizer_step()
+                step += 1
+                running += loss.item()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            record: dict[str, Any] = {"event": "epoch", "task": task.id, "epoch": epoch,
+                                      "loss": running / max(1, steps_this_epoch)}
+            if cfg.select_best and num_epochs > 1:
+                valid_acc = self.evaluate_task(task, "valid")[0]
+                record["valid_acc"] = valid_acc
+                if valid_acc > best:
+                    best, best_state = valid_acc, self.trainable_state()
+            self.log(record)
+        bar.close()
+        if best_state is not None:
+            with torch.no_grad():
+                for n, p in approach.named_parameters():
+                    if n in best_state:
+                        p.copy_(best_state[n])
+        approach.after_task(task, self.loader(task.train, cfg.train_batch_size, shuffle=False))
+
+    # -- output ----------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        if self.is_main and self.log_path is not None:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def meta(self) -> dict[str, Any]:
+        from mmcl import __version__
+
+        n_params = sum(p.numel() for p in self.approach.parameters())
+        n_train = sum(p.numel() for p in self.approach.parameters_to_train() if p.requires_grad)
+        return {
+            "task_sequence": self.seq.name, "tasks": [t.name for t in self.seq],
+            "modalities": [t.modality for t in self.seq], "classes": [t.classes for t in self.seq],
+            "backbone": self.cfg.backbone, "approach": self.cfg.baseline, "scenario": self.scenario.name,
+            "seed": self.cfg.seed, "idrandom": self.cfg.idrandom, "num_processes": self.accelerator.num_processes,
+            "mixed_precision": self.cfg.mixed_precision, "parameters": n_params, "trainable_parameters": n_train,
+            "minutes_per_task": self.minutes, "minutes": round(sum(self.minutes), 3), "mmcl_version": __version__,
+        }
+
+    def checkpoint(self, t: int) -> None:
+        if not (self.is_main and self.cfg.save_checkpoints):
+            return
+        from safetensors.torch import save_model
+
+        root = self.run_dir / CHECKPOINTS
+        final, tmp = root / f"task_{t}", root / f".task_{t}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(self.accelerator.unwrap_model(self.approach), str(tmp / "model.safetensors"))
+        state = {"task": t, "num_tasks": len(self.seq), "approach": self.cfg.baseline, "backbone": self.cfg.backbone,
+                 "scenario": self.scenario.name, "task_sequence": self.seq.name,
+                 "extra": self.approach.extra_state(), "matrix": self.matrix.to_dict(), "minutes": self.minutes}
+        write_json_atomic(tmp / "state.json", state)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # a checkpoint directory either exists whole or not at all
+
+    def restore(self) -> int:
+        """Load the newest complete checkpoint; return the first task still to train."""
+        root = self.run_dir / CHECKPOINTS
+        done = sorted((int(p.name.split("_")[1]) for p in root.glob("task_*") if (p / "state.json").is_file()),
+                      reverse=True) if root.is_dir() else []
+        if not done:
+            return 0
+        path = root / f"task_{done[0]}"
+        try:
+            with open(path / "state.json") as f:
+                state = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"checkpoint '{path / 'state.json'}' is unreadable: {e}") from e
+        expected = {"num_tasks": len(self.seq), "approach": self.cfg.baseline, "scenario": self.scenario.name}
+        wrong = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if wrong:
+            raise CheckpointError(f"checkpoint '{path}' does not belong to this run: {wrong} (found, expected)")
+        load_approach_weights(self.accelerator.unwrap_model(self.approach), path / "model.safetensors")
+        self.approach.load_extra_state(state["extra"])
+        self.matrix = AccuracyMatrix.from_dict(state["matrix"])
+        self.minutes = list(state.get("minutes", []))
+        return state["task"] + 1
+
+    def report(self) -> None:
+        if self.is_main:
+            write_report(self.run_dir, self.matrix, self.meta())
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self) -> AccuracyMatrix:
+        self.setup()
+        self.make_run_dir()
+        start = self.restore() if self.cfg.resume else 0
+        if start == 0 and self.scenario.name != "cil":
+            # b_u for FWT: the untrained model on each task (not defined for CIL: unseen classes cannot be predicted)
+            self.matrix.baseline = np.array(self.evaluate_all()[0], dtype=float)
+        for task in self.seq.tasks[start:]:
+            t0 = time.time()
+            self.train_task(task)
+            self.minutes.append(round((time.time() - t0) / 60, 4))
+            acc_row, f1_row, til_row = self.evaluate_all()
+            self.matrix.set_row(task.id, acc_row, f1_row, til_row)
+            self.log({"event": "task_done", "task": task.id, "acc": acc_row, "macro_f1": f1_row, "til_acc": til_row})
+            self.report()
+            self.checkpoint(task.id)
+        self.accelerator.wait_for_everyone()
+        return self.matrix
+
+
+def load_approach_weights(approach: torch.nn.Module, file: Path) -> None:
+    """safetensors only (never pickle); a clear error when the file is corrupt or does not fit."""
+    from safetensors.torch import load_model
+
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file '{file}' is missing")
+    try:
+        load_model(approach, str(file), strict=True, device=str(next(approach.parameters()).device))
+    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        raise CheckpointError(f"checkpoint '{file}' cannot be loaded into this model: {e}") from e

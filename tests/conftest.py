@@ -1,0 +1,55 @@
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = Path(os.environ.get("MMCL_DATA", ROOT.parent / "shared" / "data"))
+
+
+def synthetic_image_sequence(num_tasks: int = 2, classes_per_task: int = 2, n_train: int = 64, n_test: int = 32,
+                             size: int = 8, seed: int = 0, noise: float = 40.0):
+    """Learnable toy images: class c lights up its own pixel block; tasks have disjoint classes."""
+    from datasets import Dataset
+
+    from mmcl.data.sequence import Task, TaskSequence
+
+    rng = np.random.default_rng(seed)
+    total = num_tasks * classes_per_task
+    block = max(1, size * size // total)
+
+    def make(n, global_classes):
+        labels = rng.integers(0, len(global_classes), n)
+        images = rng.normal(60, noise, (n, size, size))
+        flat = images.reshape(n, -1)
+        for i, y in enumerate(labels):
+            c = global_classes[y]
+            flat[i, c * block:(c + 1) * block] += 150
+        return Dataset.from_dict({"image": np.clip(images, 0, 255).astype(np.uint8), "label": labels.astype(int)})
+
+    tasks = []
+    for t in range(num_tasks):
+        classes = list(range(t * classes_per_task, (t + 1) * classes_per_task))
+        tasks.append(Task(t, f"toy{t}", "image", [f"c{c}" for c in classes],
+                          make(n_train, classes), make(n_test, classes), make(n_test, classes)))
+    return TaskSequence("toy", tasks)
+
+
+def tiny_config(tmp_path, **overrides):
+    from mmcl.config import RunConfig
+
+    values = dict(task="toy", backbone="vit", baseline="finetune", scenario="til", num_train_epochs=2,
+                  learning_rate=3e-3, train_batch_size=16, eval_batch_size=64, vit_embed_dim=32, vit_depth=1,
+                  vit_heads=2, patch_size=4, output_dir=str(tmp_path / "runs"), progress=False, memory_size=20)
+    values.update(overrides)
+    return RunConfig(**values)
+
+
+@pytest.fixture
+def toy_sequence():
+    return synthetic_image_sequence
