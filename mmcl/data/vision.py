@@ -1,0 +1,278 @@
+"""Image task-sequence readers: `split_fmnist` (Fashion-MNIST) and `split_digits` (scikit-learn digits).
+
+Both split a 10-class dataset into tasks of `classes_per_task` classes. Splits have the
+columns `image` (uint8 HxW, stored as a datasets Array2D) and `label` (local 0..n-1).
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from mmcl.data import READERS, DataNotFoundError, ReaderContext
+from mmcl.data.sequence import Task, TaskSequence, check_labels
+from mmcl.data.text import seeded_rng, seeded_subset, take_first_tasks, train_cap
+
+if TYPE_CHECKING:
+    import datasets
+
+
+def image_dataset(images: np.ndarray, labels: np.ndarray) -> "datasets.Dataset":
+    """A Dataset from (N, H, W[, C]) uint8 images; fixed-shape Array features keep it fast (no per-pixel lists)."""
+    import datasets
+
+    images = np.ascontiguousarray(images, dtype=np.uint8)
+    shape = tuple(images.shape[1:])
+    if len(shape) == 2:
+        image_feature = datasets.Array2D(shape, "uint8")
+    elif len(shape) == 3:
+        image_feature = datasets.Array3D(shape, "uint8")
+    else:
+        raise ValueError(f"images must be (N, H, W) or (N, H, W, C), got shape {images.shape}")
+    features = datasets.Features({"image": image_feature, "label": datasets.Value("int64")})
+    return datasets.Dataset.from_dict({"image": images, "label": np.asarray(labels, dtype=np.int64)}, features=features)
+
+
+def split_classes(num_classes: int, classes_per_task: int, class_order: Sequence[int] | None) -> list[list[int]]:
+    """Class ids of each task: consecutive chunks of `class_order` (default 0..num_classes-1)."""
+    order = list(range(num_classes)) if class_order is None else [int(c) for c in class_order]
+    if sorted(order) != list(range(num_classes)):
+        raise ValueError(f"class_order must be a permutation of 0..{num_classes - 1}, got {order}")
+    if classes_per_task < 1 or num_classes % classes_per_task:
+        raise ValueError(f"classes_per_task {classes_per_task} must divide the {num_classes} classes")
+    return [order[i : i + classes_per_task] for i in range(0, num_classes, classes_per_task)]
+
+
+def _class_task(
+    reader: str, chunk: list[int], class_names: Sequence[str], arrays: dict[str, tuple[np.ndarray, np.ndarray]],
+    max_train: int | None, max_eval: int | None, seed: int, source: str,
+) -> Task:
+    """One task of a class split: keep the chunk's classes, relabel them 0..k-1, cap each split."""
+    name = f"{reader}_{'_'.join(map(str, chunk))}"
+    lut = np.full(len(class_names), -1, dtype=np.int64)
+    lut[chunk] = np.arange(len(chunk))
+    splits = {}
+    for split, (x, y) in arrays.items():
+        idx = np.flatnonzero(np.isin(y, chunk))
+        cap = max_train if split == "train" else max_eval
+        idx = idx[seeded_subset(len(idx), cap, seeded_rng(seed, reader, name, split, "cap"))]
+        splits[split] = image_dataset(x[idx], lut[y[idx]])
+    shape = tuple(next(iter(arrays.values()))[0].shape[1:])
+    task = Task(
+        id=0, name=name, modality="image", classes=[class_names[c] for c in chunk],
+        info={"domain": name, "source": source, "class_ids": list(chunk), "image_shape": shape}, **splits,
+    )
+    check_labels(task)
+    return task
+
+
+# ----------------------------------------------------------------------------- idx files
+
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class IdxFormatError(ValueError):
+    """A file is not a valid (optionally gzipped) idx file; the message names it."""
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An idx file (LeCun's MNIST format, gzipped or not) as a numpy array of its declared shape."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # by content, not suffix: some mirrors store un-gzipped files as .gz
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise IdxFormatError(f"idx file '{path}': corrupt gzip data ({e})") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise IdxFormatError(
+            f"idx file '{path}': bad magic number {raw[:4].hex() or '(empty file)'}; expected 00 00 <dtype> <ndim>"
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise IdxFormatError(f"idx file '{path}': truncated header ({len(raw)} bytes for {ndim} dimensions)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise IdxFormatError(
+            f"idx file '{path}': {len(raw) - header} data bytes, but shape {dims} of {dtype} needs {expected}"
+        )
+    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return data.astype(dtype.newbyteorder("="), copy=False)
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+FMNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+FMNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+SYSTEM_FMNIST_DIRS = [Path("/usr/share/datasets/fashion-mnist")]  # Debian: apt-get install dataset-fashion-mnist
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MMCL_CACHE", "~/.cache/mmcl")).expanduser()
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("MMCL_OFFLINE") == "1"
+
+
+def fmnist_files(folder: Path) -> dict[str, Path] | None:
+    """The four idx files in `folder` (plain or .gz), or None if any is missing."""
+    found = {}
+    for key, stem in FMNIST_FILES.items():
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                found[key] = folder / name
+                break
+        else:
+            return None
+    return found
+
+
+def fmnist_search_dirs(params: dict, ctx: ReaderContext) -> list[Path]:
+    dirs = []
+    if params.get("path"):
+        dirs.append(Path(params["path"]).expanduser())
+    root = ctx.data_dir or os.environ.get("MMCL_DATA")
+    if root:
+        root = Path(root).expanduser()
+        dirs += [root, root / "fashion-mnist", root / "FashionMNIST" / "raw"]
+    dirs += SYSTEM_FMNIST_DIRS
+    dirs.append(cache_dir() / "FashionMNIST" / "raw")  # where an earlier download landed
+    return dirs
+
+
+def find_fmnist(params: dict, ctx: ReaderContext) -> dict[str, Path]:
+    searched = fmnist_search_dirs(params, ctx)
+    for folder in searched:
+        files = fmnist_files(folder)
+        if files:
+            return files
+    how = (
+        "Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs /usr/share/datasets/fashion-mnist), "
+        "or pass --data_dir DIR (or MMCL_DATA, or params.path) with the idx files "
+        f"({', '.join(FMNIST_FILES.values())}, optionally .gz)."
+    )
+    if offline():
+        raise DataNotFoundError(
+            f"Fashion-MNIST not found in {', '.join(map(str, searched))}; not downloading (HF_HUB_OFFLINE/MMCL_OFFLINE=1). {how}"
+        )
+    try:
+        import torchvision
+
+        torchvision.datasets.FashionMNIST(root=str(cache_dir()), train=True, download=True)
+        torchvision.datasets.FashionMNIST(root=str(cache_dir()), train=False, download=True)
+    except Exception as e:  # no network, no torchvision, a mirror down: all end in the same advice
+        raise DataNotFoundError(
+            f"Fashion-MNIST not found in {', '.join(map(str, searched))} and the torchvision download into "
+            f"'{cache_dir()}' failed ({type(e).__name__}: {e}). {how}"
+        ) from e
+    raw = cache_dir() / "FashionMNIST" / "raw"
+    files = fmnist_files(raw)
+    if not files:
+        raise DataNotFoundError(f"torchvision downloaded Fashion-MNIST but '{raw}' lacks the idx files. {how}")
+    return files
+
+
+@functools.lru_cache(maxsize=2)
+def _load_fmnist(files: tuple[tuple[str, Path], ...]) -> dict[str, np.ndarray]:
+    # cached: a run builds the sequence once per process, but tests and sweeps build it often
+    arrays = {key: read_idx(path) for key, path in files}
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise IdxFormatError(
+                f"Fashion-MNIST {split}: images {x.shape} ({dict(files)[f'{split}_images']}) do not match "
+                f"labels {y.shape} ({dict(files)[f'{split}_labels']})"
+            )
+    for a in arrays.values():
+        a.flags.writeable = False  # shared by every caller of the cache
+    return arrays
+
+
+@READERS.register("split_fmnist")
+def read_split_fmnist(params: dict, ctx: ReaderContext) -> TaskSequence:
+    """Split Fashion-MNIST: tasks of `classes_per_task` (2) classes, in `class_order` (default 0..9).
+
+    The valid split is a seeded `valid_fraction` (0.1) of each task's training images; test is
+    t10k. Caps: max_train_per_task (ctx overrides params), max_eval_per_task (valid and test).
+    Files: params.path, --data_dir (also its fashion-mnist/ and FashionMNIST/raw/),
+    /usr/share/datasets/fashion-mnist, ~/.cache/mmcl, else a torchvision download unless offline.
+    """
+    files = find_fmnist(params, ctx)
+    data = _load_fmnist(tuple(sorted(files.items())))
+    chunks = split_classes(10, int(params.get("classes_per_task", 2)), params.get("class_order"))
+    chunks = take_first_tasks(chunks, ctx.ntasks, "split_fmnist")
+    valid_fraction = float(params.get("valid_fraction", 0.1))
+    if not 0 <= valid_fraction < 1:
+        raise ValueError(f"split_fmnist: valid_fraction must be in [0, 1), got {valid_fraction}")
+    x_train, y_train = data["train_images"], data["train_labels"]
+    # one seeded carve of the whole train set, so a class's valid images do not depend on the task split
+    perm = seeded_rng(ctx.seed, "split_fmnist", "valid").permutation(len(y_train))
+    n_valid = int(round(len(y_train) * valid_fraction))
+    valid_idx, train_idx = np.sort(perm[:n_valid]), np.sort(perm[n_valid:])
+    arrays = {
+        "train": (x_train[train_idx], y_train[train_idx]),
+        "valid": (x_train[valid_idx], y_train[valid_idx]),
+        "test": (data["test_images"], data["test_labels"]),
+    }
+    source = str(files["train_images"].parent)
+    tasks = [
+        _class_task("fmnist", chunk, FMNIST_CLASSES, arrays, train_cap(params, ctx), params.get("max_eval_per_task"),
+                    ctx.seed, source)
+        for chunk in chunks
+    ]
+    return TaskSequence("split_fmnist", tasks, info={"source": source, "image_shape": tuple(x_train.shape[1:])})
+
+
+# ----------------------------------------------------------------------------- scikit-learn digits
+
+
+@READERS.register("split_digits")
+def read_split_digits(params: dict, ctx: ReaderContext) -> TaskSequence:
+    """Split digits: scikit-learn's 1,797 8x8 digits (0..16, rescaled to uint8 0..255), 2 classes per task.
+
+    A seeded stratified split of all images: test_fraction (0.2), valid_fraction (0.1), the rest train.
+    Same class_order, classes_per_task and caps as split_fmnist. Ships with scikit-learn: no download.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    test_fraction = float(params.get("test_fraction", 0.2))
+    valid_fraction = float(params.get("valid_fraction", 0.1))
+    if not (0 < test_fraction < 1 and 0 < valid_fraction < 1 and test_fraction + valid_fraction < 1):
+        raise ValueError(
+            f"split_digits: test_fraction {test_fraction} and valid_fraction {valid_fraction} must be in (0, 1) and sum below 1"
+        )
+    idx = np.arange(len(labels))
+    rest, test = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=ctx.seed)
+    train, valid = train_test_split(
+        rest, test_size=valid_fraction / (1 - test_fraction), stratify=labels[rest], random_state=ctx.seed
+    )
+    arrays = {s: (images[np.sort(i)], labels[np.sort(i)]) for s, i in (("train", train), ("valid", valid), ("test", test))}
+    chunks = split_classes(10, int(params.get("classes_per_task", 2)), params.get("class_order"))
+    chunks = take_first_tasks(chunks, ctx.ntasks, "split_digits")
+    source = "sklearn.datasets.load_digits"
+    tasks = [
+        _class_task("digits", chunk, [str(c) for c in range(10)], arrays, train_cap(params, ctx),
+                    params.get("max_eval_per_task"), ctx.seed, source)
+        for chunk in chunks
+    ]
+    return TaskSequence("split_digits", tasks, info={"source": source, "image_shape": (8, 8)})
