@@ -43,7 +43,7 @@ class Replay(Approach):
         return loss
 
     def after_task(self, task: Task, loader) -> None:
-        self.memory.add_task(task.id, task.train["target"])
+        self.memory.add_task(task.id, list(task.train["target"]))
 
     def extra_state(self) -> dict:
         return {"memory": self.memory.state_dict()}

