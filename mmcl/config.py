@@ -31,6 +31,8 @@ class RunConfig:
     # training
     seed: int = 0
     num_train_epochs: float = 1
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.0  # sgd only
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     train_batch_size: int = 32
@@ -54,6 +56,7 @@ class RunConfig:
     vit_depth: int = 4
     vit_heads: int = 3
     patch_size: int | None = None
+    vit_pool: str = "token"  # token ([CLS]) | avg (mean of patch tokens)
     # approaches
     lamb: float = 5000.0  # EWC lambda (PyContinual --lamb)
     ewc_gamma: float | None = None  # None: PyContinual's running mean (F_new + t F_old)/(t+1); else online EWC decay

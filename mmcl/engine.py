@@ -88,6 +88,15 @@ class Collator:
         return batch
 
 
+def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    # A fresh optimiser per task: no moment estimates leak from one task into the next.
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"--optimizer must be adamw or sgd, got '{cfg.optimizer}'")
+
+
 def lr_lambda(kind: str, total: int, warmup: int):
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -220,7 +229,7 @@ class Engine:
         approach.before_task(task)
         loader = self.loader(approach.train_dataset(task), cfg.train_batch_size, shuffle=True, seed=cfg.seed + task.id)
         params = [p for p in approach.parameters_to_train() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(cfg, params)
         total = max(1, math.ceil(len(loader) * cfg.num_train_epochs))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.lr_scheduler, total, int(cfg.warmup_proportion * total))

@@ -52,7 +52,8 @@ def _timm_model(arch: str, cfg, spec: BackboneSpec, **overrides) -> TimmVisionBa
         raise ValueError(f"--backbone {cfg.backbone} needs an image task sequence; '{cfg.task}' has no images")
     size = spec.image_shape[0]
     in_chans = spec.image_shape[2] if len(spec.image_shape) == 3 else 1
-    kwargs = dict(img_size=size, patch_size=_patch_size(size, cfg.patch_size), in_chans=in_chans, num_classes=0)
+    kwargs = dict(img_size=size, patch_size=_patch_size(size, cfg.patch_size), in_chans=in_chans, num_classes=0,
+                  global_pool=cfg.vit_pool)
     kwargs.update(overrides)
     pretrained = cfg.pretrained
     if pretrained and not Path(pretrained).exists():
