@@ -64,9 +64,16 @@ class RunConfig:
     lwf_lambda: float = 1.0
     memory_size: int = 200  # rehearsal buffer size (examples, global across processes)
     buffer: str = "reservoir"  # reservoir | class_balanced
-    smax: float = 400.0  # HAT
+    smax: float = 400.0  # HAT (and CTR's task-specific module)
     thres_cosh: float = 50.0
+    thres_emb: float = 6.0  # HAT embeddings are clamped to +-thres_emb after each step
     hat_c: float = 0.75
+    hat_binarize: bool = True  # snap a finished task's gates to exactly 0/1 at smax; False: PyContinual's soft masks
+    use_gelu: bool = False  # HAT/CTR adapter activation; PyContinual's default is ReLU
+    semantic_cap_size: int = 3  # CTR: dimensions of each task's capsule
+    num_semantic_cap: int = 3  # CTR: transfer capsules per task (pre-route vectors of semantic_cap_size each)
+    ctr_filters: int = 100  # CTR similarity estimator: convolution filters per kernel size
+    ctr_kernel_sizes: str = "3,4,5"
     # output
     output_dir: str = "runs"
     run_name: str | None = None

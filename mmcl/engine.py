@@ -230,12 +230,13 @@ class Engine:
         loader = self.loader(approach.train_dataset(task), cfg.train_batch_size, shuffle=True, seed=cfg.seed + task.id)
         params = [p for p in approach.parameters_to_train() if p.requires_grad]
         optimizer = make_optimizer(cfg, params)
-        total = max(1, math.ceil(len(loader) * cfg.num_train_epochs))
+        epochs = cfg.num_train_epochs * task.info.get("epoch_multiplier", 1.0)
+        total = max(1, math.ceil(len(loader) * epochs))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.lr_scheduler, total, int(cfg.warmup_proportion * total))
         )
         model, optimizer, scheduler = acc.prepare(approach, optimizer, scheduler)
-        num_epochs = math.ceil(cfg.num_train_epochs)
+        num_epochs = math.ceil(epochs)
         best, best_state = -1.0, None
         step = 0
         bar = tqdm(total=total, desc=f"task {task.id} {task.name}", disable=not (cfg.progress and acc.is_local_main_process))

@@ -62,3 +62,25 @@ def test_cli_rejects_unknown_approach_with_suggestion(capsys):
 
     assert main(["run", "--task", "split_digits", "--baseline", "lwff"]) == 2
     assert "Did you mean 'lwf'" in capsys.readouterr().err
+
+
+def test_predefined_args_follow_pycontinual_and_flags_still_win():
+    cfg = build_config({"task": "asc", "backbone": "bert_adapter", "baseline": "ewc", "use_predefine_args": True})
+    assert (cfg.ntasks, cfg.num_train_epochs, cfg.learning_rate, cfg.bert_adapter_size) == (19, 10, 5e-5, 2000)
+    assert cfg.lamb == 5000 and cfg.select_best is True and cfg.scenario == "til"
+    cfg = build_config({"task": "asc", "backbone": "bert_adapter", "baseline": "ewc", "use_predefine_args": True,
+                        "ntasks": 3, "bert_adapter_size": 64})
+    assert (cfg.ntasks, cfg.bert_adapter_size) == (3, 64)
+    assert build_config({"task": "asc", "backbone": "bert_adapter", "baseline": "ewc"}).ntasks is None
+
+
+def test_asc_bing_domains_train_three_times_longer():
+    from conftest import SHARED_DATA
+    from mmcl.data import ReaderContext, load_task_sequence
+
+    if not (SHARED_DATA / "asc").is_dir():
+        pytest.skip("PyContinual ASC data not found")
+    seq = load_task_sequence("asc", ReaderContext(data_dir=SHARED_DATA, ntasks=4, idrandom=0))
+    factors = {t.name: t.info.get("epoch_multiplier", 1.0) for t in seq}
+    assert factors == {"XuSemEval14_laptop": 1.0, "XuSemEval14_rest": 1.0, "Bing9domains_HitachiRouter": 3.0,
+                       "Bing9domains_CanonS100": 3.0}

@@ -85,6 +85,11 @@ def load_task_sequence(name_or_path: str, ctx: ReaderContext) -> TaskSequence:
     reader = READERS.get(spec["reader"])
     seq = reader(dict(spec["params"]), ctx)
     seq.name = spec["name"]
+    # Per-task epoch factors by task-name prefix, e.g. PyContinual trains the small Bing ASC domains 3x longer.
+    for prefix, factor in (spec.get("epoch_multipliers") or {}).items():
+        for task in seq:
+            if task.name.startswith(prefix):
+                task.info["epoch_multiplier"] = float(factor)
     return seq
 
 

@@ -1,0 +1,209 @@
+"""CTR, capsules and transfer routing (Ke et al., NeurIPS 2021), on the adapter sites of `bert_adapter`.
+
+Data flow at each adapter site (after the attention-output and the FFN-output dense layers of
+every BERT layer, before the residual LayerNorm), for a batch x of shape (B, L, H) and task t:
+
+  knowledge-sharing module (KSM, `KnowledgeSharing`)
+    1. task capsule layer: every task j <= t has its own linear map H -> c (c = semantic_cap_size)
+       per token, squashed:                                   caps (B, L, J=t+1, c)
+    2. pre-route vectors: N = num_semantic_cap transforms c -> c per task:
+                                                              votes (B, L, J, D=N*c)
+    3. similarity estimator: 1-D convolutions over the sequence (kernel sizes 3, 4, 5, 100 filters
+       each) max-pooled over real tokens; the current task's votes summarise into `cur`, every
+       task j's votes are scored together with `cur`:         z (B, J, 3*filters)
+       -> similarity a_j (B, J, D) and router logits (B, J, 2)
+    4. task router: a hard Gumbel-softmax picks, per example and task, whether j transfers
+       (delta_j in {0, 1}; the argmax at evaluation)
+    5. transfer: v = sum_{j<=t} delta_j * a_j * votes_j (B, L, D); the lower-triangular task mask
+       is the j <= t: tasks after t are never computed, so they cannot reach task t's output
+    6. up-projection D -> H, shared by all tasks:            shared (B, L, H)
+  task-specific module (TSM): `HatAdapter` from hat.py (H -> bert_adapter_size -> H, its units
+    HAT-masked per task) applied to x + shared; the site outputs x + TSM(x + shared).
+
+The plug-ins read t, s and the batch's token mask from a `CtrContext` the approach sets before
+each forward. Training: CE + HAT regulariser over the TSM gates, HAT gradient blocking,
+compensation and clamping exactly as in hat.py (`CTR` subclasses `Hat`). As in PyContinual, the
+KSM is shared knowledge: the capsules and routing of tasks <= t, the similarity estimator, the
+router and the up-projection train with every task (the source of backward transfer), so
+earlier tasks' outputs may drift through the KSM; tasks > t get no gradient. BERT, LayerNorms
+included, is frozen.
+
+Differences from PyContinual (`BertAdapterCapsuleMaskImp`, transfer_route, larger_as_share):
+- The batch axis is explicit throughout. The original reshapes the (capsule, batch*length)
+  layout into (batch, length, capsule) and tiles similarities and decisions length-major
+  against batch-major votes, so one example's routing mixes other examples' (and other
+  capsules'/tasks') values.
+- Squash acts on each capsule's own c dimensions. The original squashes each coordinate across
+  the task axis, which couples a task's capsule to every other task's, future tasks included.
+- Padding: the estimator zeroes padded positions and max-pools only over positions that exist
+  for the unpadded sequence, so an example's output does not depend on the rest of its batch.
+  (The original pads every batch to max_seq_length and pools over pad tokens' states.) Both
+  convolution banks pad by k-2 (the original's second bank has none, which fails on sequences
+  shorter than the kernel once batches are no longer padded to a fixed length).
+- At evaluation the router takes the argmax instead of sampling Gumbel noise, so predictions
+  are deterministic.
+- Gradient gating of the task capsules (the original's `tsv` factors) is structural: tasks > t
+  are not in the graph. LayerNorms are frozen, s reaches smax at the last batch and gates are
+  binarised after each task, as in hat.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcl.approaches import APPROACHES
+from mmcl.approaches.hat import Hat, HatAdapter, HatContext
+from mmcl.backbones.text import AdapterSite
+
+
+@dataclass
+class CtrContext(HatContext):
+    """HAT's context plus the token mask (B, L) of the batch being encoded (None: all tokens real)."""
+
+    valid: torch.Tensor | None = None
+
+
+def squash(v: torch.Tensor, dim: int = -1, eps: float = 1e-16) -> torch.Tensor:
+    """Capsule non-linearity: keeps the direction, maps the norm n to n^2 / (1 + n^2) < 1."""
+    sq = (v * v).sum(dim, keepdim=True) + eps  # eps: all-zero capsules occur (padding)
+    return sq / (1.0 + sq) * v / torch.sqrt(sq)
+
+
+def masked_max(y: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Max over the last axis restricted to its first `count` positions; y >= 0 (after a ReLU),
+    so zeroing the rest leaves the maximum unchanged. `count` has y's leading shape minus one axis."""
+    keep = torch.arange(y.shape[-1], device=y.device) < count[..., None]
+    return (y * keep.unsqueeze(-2).to(y.dtype)).amax(-1)
+
+
+class KnowledgeSharing(nn.Module):
+    """CTR's KSM: per-task capsules, transfer routing over tasks <= t, shared up-projection."""
+
+    def __init__(self, hidden: int, ntasks: int, cap_size: int = 3, num_caps: int = 3, filters: int = 100,
+                 kernel_sizes: tuple[int, ...] = (3, 4, 5)) -> None:
+        super().__init__()
+        if min(kernel_sizes) < 2:
+            raise ValueError(f"--ctr_kernel_sizes must all be >= 2, got {kernel_sizes}")
+        self.kernel_sizes = tuple(kernel_sizes)
+        # task capsule layer: one H -> c map per task, stacked so that tasks <= t are one einsum
+        self.cap_weight = nn.Parameter(torch.empty(ntasks, cap_size, hidden))
+        self.cap_bias = nn.Parameter(torch.empty(ntasks, cap_size))
+        bound = 1.0 / math.sqrt(hidden)  # nn.Linear's default initialisation
+        nn.init.uniform_(self.cap_weight, -bound, bound)
+        nn.init.uniform_(self.cap_bias, -bound, bound)
+        self.route_weights = nn.Parameter(torch.randn(ntasks, num_caps, cap_size, cap_size))
+        dim = num_caps * cap_size
+        # padding k-2 as the original's current-task bank (see the module docstring)
+        self.conv_current = nn.ModuleList(nn.Conv1d(dim, filters, k, padding=k - 2) for k in self.kernel_sizes)
+        self.conv_other = nn.ModuleList(nn.Conv1d(dim, filters, k, padding=k - 2) for k in self.kernel_sizes)
+        pooled = filters * len(self.kernel_sizes)
+        self.fc_current = nn.Linear(pooled, filters)
+        self.fc_similarity = nn.Linear(pooled, dim)
+        self.router = nn.Linear(pooled, 2)  # logit 0: transfer, logit 1: do not
+        self.up = nn.Linear(dim, hidden)
+        self.last_decisions: torch.Tensor | None = None  # (B, t+1) of the latest forward, for inspection
+
+    def task_capsules(self, x: torch.Tensor, ntasks_used: int) -> torch.Tensor:
+        """(B, L, H) -> squashed capsules (B, L, J, c) of tasks 0..J-1."""
+        w, b = self.cap_weight[:ntasks_used], self.cap_bias[:ntasks_used]
+        return squash(torch.einsum("blh,jch->bljc", x, w) + b)
+
+    def pre_route(self, caps: torch.Tensor) -> torch.Tensor:
+        """Capsules (B, L, J, c) -> votes (B, L, J, N*c): N learned c x c transforms per task."""
+        ntasks_used = caps.shape[2]
+        votes = torch.einsum("bljc,jncd->bljnd", caps, self.route_weights[:ntasks_used])
+        return votes.flatten(-2)
+
+    def route(self, votes: torch.Tensor, task: int, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Similarity (B, J, D) and router decisions (B, J) of each source task for each example."""
+        B, L, J, D = votes.shape
+        current = votes[:, :, task].transpose(1, 2)  # (B, D, L)
+        cur = torch.cat([masked_max(F.relu(conv(current)), lengths + k - 3)
+                         for conv, k in zip(self.conv_current, self.kernel_sizes)], dim=-1)
+        cur = self.fc_current(cur)  # (B, filters)
+        # fold (example, task) into the convolution batch and unfold in the same order
+        sources = votes.permute(0, 2, 3, 1).reshape(B * J, D, L)
+        pooled = []
+        for conv, k in zip(self.conv_other, self.kernel_sizes):
+            y = conv(sources)
+            y = F.relu(y.view(B, J, y.shape[1], y.shape[2]) + cur[:, None, :, None])
+            pooled.append(masked_max(y, (lengths + k - 3)[:, None]))
+        z = torch.cat(pooled, dim=-1)  # (B, J, 3*filters)
+        similarity = self.fc_similarity(z)
+        logits = self.router(z)
+        if self.training:
+            # straight-through hard sample: forward 0/1, backward through the soft relaxation
+            decisions = F.gumbel_softmax(logits.float(), tau=1.0, hard=True)[..., 0]
+        else:
+            decisions = (logits[..., 0] >= logits[..., 1]).float()
+        return similarity, decisions.to(similarity.dtype)
+
+    def forward(self, x: torch.Tensor, task: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, _ = x.shape
+        valid = x.new_ones(B, L) if valid is None else valid
+        lengths = (valid > 0).sum(1)  # integer counts: a low-precision sum would round long sequences
+        valid = valid.to(x.dtype)
+        votes = self.pre_route(self.task_capsules(x, task + 1))
+        # padded positions act like the convolutions' own zero padding
+        votes = votes * valid[:, :, None, None]
+        similarity, decisions = self.route(votes, task, lengths)
+        self.last_decisions = decisions.detach()
+        transferred = torch.einsum("bjd,bljd->bld", similarity * decisions[..., None], votes)
+        return self.up(transferred)
+
+
+class CtrPlugin(nn.Module):
+    """One CL-plugin: out = x + TSM(x + KSM(x))."""
+
+    def __init__(self, hidden: int, ctx: CtrContext, ntasks: int, adapter_size: int, use_gelu: bool,
+                 cap_size: int, num_caps: int, filters: int, kernel_sizes: tuple[int, ...]) -> None:
+        super().__init__()
+        self.ctx = ctx  # shared with the approach, not a submodule
+        self.ksm = KnowledgeSharing(hidden, ntasks, cap_size, num_caps, filters, kernel_sizes)
+        self.tsm = HatAdapter(hidden, adapter_size, ctx, ntasks, use_gelu)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.ksm(x, self.ctx.task, self.ctx.valid)
+        return x + self.tsm.transform(x + shared)
+
+
+def parse_kernel_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(k) for k in str(text).split(",") if k.strip())
+    except ValueError as e:
+        raise ValueError(f"--ctr_kernel_sizes must be comma-separated integers, got '{text}'") from e
+    if not sizes:
+        raise ValueError("--ctr_kernel_sizes is empty")
+    return sizes
+
+
+@APPROACHES.register("ctr")
+class CTR(Hat):
+    """HAT's machinery (hat.py) over the TSMs, plus the knowledge-sharing module at every site."""
+
+    name = "ctr"
+
+    def build_model(self, backbone) -> nn.Module:
+        tokenizer = getattr(backbone, "tokenizer", None)
+        if tokenizer is not None and getattr(tokenizer, "padding_side", "right") != "right":
+            # the similarity estimator takes a sequence's real tokens to be its first ones
+            raise ValueError(f"--baseline ctr needs a right-padding tokenizer; --bert_model pads "
+                             f"{tokenizer.padding_side}")
+        return super().build_model(backbone)
+
+    def make_context(self) -> CtrContext:
+        return CtrContext(task=0, s=float(self.cfg.smax))
+
+    def make_plugin(self, site: AdapterSite) -> nn.Module:
+        cfg = self.cfg
+        return CtrPlugin(site.dense.out_features, self.ctx, len(self.seq), cfg.bert_adapter_size, cfg.use_gelu,
+                         cfg.semantic_cap_size, cfg.num_semantic_cap, cfg.ctr_filters,
+                         parse_kernel_sizes(cfg.ctr_kernel_sizes))
+
+    def set_context(self, task_id: int, s: float, batch: dict) -> None:
+        super().set_context(task_id, s, batch)
+        self.ctx.valid = batch.get("attention_mask")

@@ -1,0 +1,295 @@
+"""HAT, hard attention to the task (Serra et al. 2018), on the adapter sites of `bert_adapter`.
+
+Data flow. Every adapter site of the frozen BERT (after the attention-output and the
+FFN-output dense layers, before the residual LayerNorm) gets a `HatAdapter`, PyContinual's
+masked adapter:
+
+    h = act(fc1(x)) * g1,   h = act(fc2(h)) * g2,   out = x + h,   g = sigmoid(s * e_t)
+
+with one embedding row e_t per task for fc1's units and one for fc2's units (`HatGate`).
+The plug-ins learn the task id t and the scale s from a `HatContext` that the approach owns
+and sets before every forward pass; nothing global.
+
+Training task t: s rises within each epoch from 1/smax at the first batch to smax at the last;
+loss = CE + c * sum(m_t * (1 - M)) / sum(1 - M) over all gates, M = the cumulative mask of
+tasks < t. After backward (`HatMasks.block_gradients`), the gradient of each weight is
+multiplied by 1 - min(M_out, M_in) (an unmasked input counts as used, so 1 - M_out), of each
+bias by 1 - M_out; the embedding gradients are compensated for the annealing; after the step
+the embeddings are clamped to +-thres_emb. After the task, M = max(M, sigmoid(smax * e_t)).
+Test time: s = smax and the given task id.
+
+What is frozen: the whole BERT, LayerNorms included (trainable LayerNorms would be shared by
+all tasks and let forgetting through), so only the masked adapters and the per-task heads train.
+
+Differences from PyContinual (`bert_adapter_mask`), and why:
+- LayerNorms are frozen (PyContinual trains them with the adapters: a forgetting leak).
+- s reaches smax at the last batch of an epoch (PyContinual: s = 1/smax + (smax-1/smax)*b/B
+  stops one step short).
+- `hat_binarize` (default on): after a task, embedding entries with 0 < sigmoid(smax*e) < 1
+  are pushed to +-120/smax so that task's gates are exactly 0 or 1. Adam normalises gradient
+  scale, so a factor 1 - M with 0 < M < 1 hardly slows a weight that an earlier task partly
+  uses; with binary masks the blocked gradients are exactly zero and, with weight decay 0,
+  earlier tasks' outputs are preserved bit for bit. `--no-hat_binarize` keeps PyContinual's
+  soft masks.
+- Weight decay must be 0: AdamW's decoupled decay would shrink weights whose gradients HAT zeroed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+from torch import nn
+
+from mmcl.approaches import APPROACHES
+from mmcl.approaches.base import Approach, BufferDict, Progress
+from mmcl.backbones.text import AdapterSite, BertAdapterEncoder
+from mmcl.data.sequence import Task
+
+# sigmoid(+-120) is exactly 1 / 0 in float32 and bfloat16: the logit a binarised gate is pushed to
+SNAP_LOGIT = 120.0
+
+
+@dataclass
+class HatContext:
+    """What the plug-ins need to know about the forward pass in progress (set by the approach)."""
+
+    task: int = 0
+    s: float = 1.0
+
+
+def annealed_s(progress: Progress, smax: float) -> float:
+    """s for the current batch: 1/smax at the first batch of an epoch, smax at the last."""
+    if progress.num_batches <= 1:
+        return smax
+    frac = progress.batch / (progress.num_batches - 1)
+    return 1.0 / smax + (smax - 1.0 / smax) * frac
+
+
+class HatGate(nn.Module):
+    """A per-task embedding over `units`; the gate of task t at scale s is sigmoid(s * e_t)."""
+
+    def __init__(self, ctx: HatContext, ntasks: int, units: int) -> None:
+        super().__init__()
+        self.ctx = ctx  # shared with the approach, not a submodule
+        self.embedding = nn.Embedding(ntasks, units)  # N(0, 1) as in HAT and PyContinual
+
+    def mask(self, task: int, s: float) -> torch.Tensor:
+        return torch.sigmoid(s * self.embedding.weight[task])
+
+    def forward(self) -> torch.Tensor:
+        return self.mask(self.ctx.task, self.ctx.s)
+
+
+@dataclass(frozen=True, eq=False)
+class ProtectedLinear:
+    """A linear layer whose output units are gated by `out_gate` and inputs by `in_gate`.
+
+    `in_gate` None: the inputs are not masked (BERT hidden states), so every input counts as used.
+    """
+
+    linear: nn.Linear
+    out_gate: HatGate
+    in_gate: HatGate | None = None
+
+
+def make_activation(use_gelu: bool) -> nn.Module:
+    return nn.GELU() if use_gelu else nn.ReLU()
+
+
+class HatAdapter(nn.Module):
+    """PyContinual's masked adapter: gates multiply the activated outputs of fc1 and of fc2."""
+
+    def __init__(self, hidden: int, size: int, ctx: HatContext, ntasks: int, use_gelu: bool = False) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, size)
+        self.fc2 = nn.Linear(size, hidden)
+        self.act = make_activation(use_gelu)
+        self.gate1 = HatGate(ctx, ntasks, size)
+        self.gate2 = HatGate(ctx, ntasks, hidden)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x)) * self.gate1()
+        return self.act(self.fc2(h)) * self.gate2()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.transform(x)
+
+    def hat_protected(self) -> list[ProtectedLinear]:
+        return [ProtectedLinear(self.fc1, self.gate1), ProtectedLinear(self.fc2, self.gate2, self.gate1)]
+
+
+class HatMasks(nn.Module):
+    """The HAT machinery over every `HatGate` of a model: regulariser, cumulative masks,
+    gradient blocking, embedding compensation and clamping.
+
+    Linear layers are protected when a module of the model lists them in `hat_protected()`.
+    The cumulative masks are buffers, so they are saved in checkpoints with the model.
+    """
+
+    def __init__(self, model: nn.Module, smax: float, thres_cosh: float, thres_emb: float) -> None:
+        super().__init__()
+        self.smax, self.thres_cosh, self.thres_emb = smax, thres_cosh, thres_emb
+        # plain containers: the gates and layers stay registered in the model only
+        self._gates: dict[str, HatGate] = {n: m for n, m in model.named_modules() if isinstance(m, HatGate)}
+        if not self._gates:
+            raise ValueError("HatMasks: the model has no HatGate")
+        names = {id(g): n for n, g in self._gates.items()}
+        self._protected: list[tuple[nn.Linear, str, str | None]] = []
+        seen: set[int] = set()
+        for module in model.modules():
+            for p in getattr(module, "hat_protected", lambda: [])():
+                if id(p.linear) in seen:
+                    continue
+                seen.add(id(p.linear))
+                self._protected.append((p.linear, names[id(p.out_gate)], names[id(p.in_gate)] if p.in_gate else None))
+        self.cumulative = BufferDict({n: torch.zeros(g.embedding.embedding_dim) for n, g in self._gates.items()})
+
+    @property
+    def gates(self) -> dict[str, HatGate]:
+        return self._gates
+
+    def masks(self, task: int, s: float) -> dict[str, torch.Tensor]:
+        return {n: g.mask(task, s) for n, g in self._gates.items()}
+
+    def regulariser(self, task: int, s: float) -> torch.Tensor:
+        """sum m_t * (1 - M) / sum (1 - M): the share of still-free units that task t claims."""
+        num, den = [], []
+        for name, m in self.masks(task, s).items():
+            free = 1.0 - self.cumulative[name]
+            num.append((m * free).sum())
+            den.append(free.sum())
+        # clamp: when (almost) every unit is taken, the ratio would divide by ~0
+        return torch.stack(num).sum() / torch.stack(den).sum().clamp(min=1.0)
+
+    @torch.no_grad()
+    def block_gradients(self) -> None:
+        """Zero (scale by 1 - M) the gradients of weights that earlier tasks use."""
+        for linear, out_name, in_name in self._protected:
+            used_out = self.cumulative[out_name]
+            if linear.weight.grad is not None:
+                if in_name is None:
+                    used = used_out[:, None]
+                else:
+                    used = torch.minimum(used_out[:, None], self.cumulative[in_name][None, :])
+                linear.weight.grad.mul_(1.0 - used)
+            if linear.bias is not None and linear.bias.grad is not None:
+                linear.bias.grad.mul_(1.0 - used_out)
+
+    @torch.no_grad()
+    def compensate(self, s: float) -> None:
+        """Undo the annealing's damping: grad_e *= smax (cosh(clamp(s e)) + 1) / (s (cosh(e) + 1))."""
+        for gate in self._gates.values():
+            grad = gate.embedding.weight.grad
+            if grad is None:
+                continue
+            e = gate.embedding.weight.detach()
+            num = torch.cosh(torch.clamp(s * e, -self.thres_cosh, self.thres_cosh)) + 1.0
+            den = torch.cosh(e) + 1.0
+            grad.mul_(self.smax / s * num / den)
+
+    @torch.no_grad()
+    def clamp_embeddings(self) -> None:
+        for gate in self._gates.values():
+            gate.embedding.weight.clamp_(-self.thres_emb, self.thres_emb)
+
+    @torch.no_grad()
+    def binarize(self, task: int) -> int:
+        """Push task `task`'s embeddings out of the band where sigmoid(smax * e) is neither 0 nor 1.
+
+        Returns how many units changed their gate value.
+        """
+        margin = min(SNAP_LOGIT / self.smax, self.thres_emb)
+        changed = 0
+        for gate in self._gates.values():
+            e = gate.embedding.weight[task]
+            before = torch.sigmoid(self.smax * e)
+            e.copy_(torch.where(e > 0, e.clamp(min=margin), e.clamp(max=-margin)))
+            changed += int((torch.sigmoid(self.smax * e) != before).sum())
+        return changed
+
+    @torch.no_grad()
+    def consolidate(self, task: int) -> None:
+        """M = max(M, mask of `task` at smax)."""
+        for name, gate in self._gates.items():
+            self.cumulative[name] = torch.maximum(self.cumulative[name], gate.mask(task, self.smax))
+
+
+def freeze_layernorms(backbone: nn.Module) -> None:
+    for name, p in backbone.named_parameters():
+        if "LayerNorm" in name:
+            p.requires_grad_(False)
+
+
+@APPROACHES.register("hat")
+class Hat(Approach):
+    """HAT-masked adapters at every adapter site of `bert_adapter`; TIL with per-task heads."""
+
+    name = "hat"
+    scenarios = ("til",)
+    needs_task_id = True
+    modalities = ("text",)
+
+    def __init__(self, backbone, seq, scenario, cfg) -> None:
+        if cfg.weight_decay:
+            raise ValueError(
+                f"--baseline {self.name} needs --weight_decay 0: decoupled weight decay would move weights "
+                "whose gradients the task masks zeroed, and earlier tasks would be forgotten"
+            )
+        super().__init__(backbone, seq, scenario, cfg)
+        self.hat = HatMasks(self.model, cfg.smax, cfg.thres_cosh, cfg.thres_emb)
+        self._s = float(cfg.smax)
+        self.binarized_units: list[int] = []  # per task, how many gates `hat_binarize` changed
+
+    # -- construction ------------------------------------------------------------------------
+    def build_model(self, backbone) -> nn.Module:
+        if not isinstance(backbone, BertAdapterEncoder):
+            raise ValueError(
+                f"--baseline {self.name} puts its plug-ins on the adapter sites of --backbone bert_adapter; "
+                f"got --backbone {self.cfg.backbone}"
+            )
+        self.ctx = self.make_context()
+        backbone.set_plugins(self.make_plugin)
+        freeze_layernorms(backbone.encoder)
+        return super().build_model(backbone)
+
+    def make_context(self) -> HatContext:
+        return HatContext(task=0, s=float(self.cfg.smax))
+
+    def make_plugin(self, site: AdapterSite) -> nn.Module:
+        return HatAdapter(site.dense.out_features, self.cfg.bert_adapter_size, self.ctx, len(self.seq),
+                          self.cfg.use_gelu)
+
+    def set_context(self, task_id: int, s: float, batch: dict) -> None:
+        self.ctx.task = task_id
+        self.ctx.s = s
+
+    # -- hooks ---------------------------------------------------------------------------
+    def training_step(self, batch: dict, task: Task) -> torch.Tensor:
+        s = annealed_s(self.progress, self.cfg.smax)
+        self._s = s
+        self.set_context(task.id, s, batch)
+        loss = self.model.loss(batch)
+        return loss + self.cfg.hat_c * self.hat.regulariser(task.id, s)
+
+    def before_optimizer_step(self) -> None:
+        if self.current_task is not None and self.current_task.id > 0:
+            self.hat.block_gradients()
+        self.hat.compensate(self._s)
+
+    def after_optimizer_step(self) -> None:
+        self.hat.clamp_embeddings()
+
+    def after_task(self, task: Task, loader) -> None:
+        if self.cfg.hat_binarize:
+            self.binarized_units.append(self.hat.binarize(task.id))
+        self.hat.consolidate(task.id)
+
+    @torch.no_grad()
+    def predict(self, batch: dict, task_id: int | None) -> torch.Tensor:
+        self.set_context(task_id, float(self.cfg.smax), batch)
+        return self.model(batch, task_id)
+
+    def extra_state(self) -> dict:
+        return {"binarized_units": self.binarized_units}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.binarized_units = list(state.get("binarized_units", []))
