@@ -108,6 +108,9 @@ def cmd_report(run_dir: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k != "command"}
+    from mmcl.engine_errors import CheckpointError
+    from mmcl.registry import UnknownNameError
+
     try:
         if args.command == "run":
             return cmd_run(values)
@@ -115,11 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_list()
         if args.command == "report":
             return cmd_report(values["run_dir"])
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        from mmcl.registry import UnknownNameError
-
-        if isinstance(e, KeyError) and not isinstance(e, UnknownNameError):
-            raise
+    except (ValueError, FileNotFoundError, FileExistsError, UnknownNameError, CheckpointError) as e:
+        # bad input: one clear line naming the flag, file or field, no traceback
         print(f"mmcl: error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -57,6 +57,7 @@ class RunConfig:
     vit_heads: int = 3
     patch_size: int | None = None
     vit_pool: str = "token"  # token ([CLS]) | avg (mean of patch tokens)
+    vit_dropout: float = 0.0  # dropout after attention and MLP projections (less forgetting: Mirzadeh et al. 2020)
     # approaches
     lamb: float = 5000.0  # EWC lambda (PyContinual --lamb)
     ewc_gamma: float | None = None  # None: PyContinual's running mean (F_new + t F_old)/(t+1); else online EWC decay
@@ -78,6 +79,7 @@ class RunConfig:
     output_dir: str = "runs"
     run_name: str | None = None
     resume: str | None = None
+    overwrite: bool = False  # replace an existing run directory of the same name
     save_checkpoints: bool = True
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)

@@ -23,14 +23,11 @@ from mmcl.backbones import BackboneSpec, build_backbone
 from mmcl.config import RunConfig
 from mmcl.data import ReaderContext, load_task_sequence
 from mmcl.data.sequence import Task, TaskSequence, check_labels, get_scenario
+from mmcl.engine_errors import CheckpointError
 from mmcl.metrics import AccuracyMatrix, accuracy_and_macro_f1
 from mmcl.reporting import write_json_atomic, write_report
 
 CHECKPOINTS = "checkpoints"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt or does not belong to this run."""
 
 
 def make_accelerator(cfg: RunConfig):
@@ -173,6 +170,15 @@ class Engine:
             name = cfg.run_name or f"{Path(cfg.task).stem}-{cfg.backbone.replace('/', '_')}-{cfg.baseline}-{time.strftime('%Y%m%d-%H%M%S')}"
             path = Path(cfg.output_dir) / name
         path = Path(broadcast_object_list([str(path)])[0])  # one name for all processes
+        if not cfg.resume and (path / "metrics.json").exists():
+            if not cfg.overwrite:
+                raise FileExistsError(
+                    f"run directory '{path}' already holds a run: pass --resume {path} to continue it, "
+                    f"--overwrite to replace it, or another --run_name"
+                )
+            if self.is_main:
+                shutil.rmtree(path)
+        self.accelerator.wait_for_everyone()
         if self.is_main:
             path.mkdir(parents=True, exist_ok=True)
             cfg.save(path / "config.yaml")

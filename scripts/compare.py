@@ -24,11 +24,47 @@ def fmt(v) -> str:
     return "—" if v is None else f"{v:.2f}"
 
 
-def main() -> None:
+def run_comparison(task: str, backbone: str, scenario: str, baselines: list[str], flags: list[str], name: str,
+                   out: Path) -> list[dict]:
+    """Run each approach with the same flags; return one summary row per approach (also saved as JSON)."""
     from mmcl.cli import build_parser
     from mmcl.config import build_config
     from mmcl.engine import Engine
 
+    run_flags = {k: v for k, v in vars(build_parser().parse_args(["run", *flags])).items() if k != "command"}
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for baseline in baselines:
+        values = dict(run_flags, task=task, backbone=backbone, scenario=scenario, baseline=baseline,
+                      progress=False, run_name=f"{name}-{baseline}", output_dir=str(out / "runs"), overwrite=True)
+        cfg = build_config(values)
+        t0 = time.time()
+        matrix = Engine(cfg).run()
+        s = matrix.summary()
+        s.update(baseline=baseline, minutes=(time.time() - t0) / 60)
+        rows.append(s)
+        print(f"{baseline}: ACC {fmt(s['acc_final'])} BWT {fmt(s['bwt'])} forgetting {fmt(s['forgetting'])} "
+              f"AIA {fmt(s['aia'])} ({s['minutes']:.1f} min)", flush=True)
+        (out / f"{name}.json").write_text(json.dumps({"flags": flags, "rows": rows}, indent=2, default=str))
+    return rows
+
+
+def markdown_table(name: str, flags: list[str], rows: list[dict], paper: dict[str, str] | None = None) -> str:
+    til = any(r.get("til_acc_final") is not None for r in rows)
+    header = ("| approach | ACC (Last) | Avg (AIA) | macro-F1 | BWT | forgetting |" + (" task-aware ACC |" if til else "")
+              + " minutes |" + (" paper (Acc / MF1) |" if paper else ""))
+    lines = [f"**{name}** (flags: `{' '.join(flags) or 'defaults'}`)", "", header,
+             "|---" * (header.count("|") - 1) + "|"]
+    for r in rows:
+        cells = [r["baseline"], fmt(r["acc_final"]), fmt(r["aia"]), fmt(r["macro_f1_final"]), fmt(r["bwt"]),
+                 fmt(r["forgetting"])] + ([fmt(r.get("til_acc_final"))] if til else []) + [f"{r['minutes']:.1f}"]
+        if paper:
+            cells.append(paper.get(r["baseline"], "—"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--task", required=True)
     ap.add_argument("--backbone", required=True)
@@ -39,33 +75,10 @@ def main() -> None:
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    run_flags = {k: v for k, v in vars(build_parser().parse_args(["run", *extra])).items() if k != "command"}
-
     name = args.name or f"{Path(args.task).stem}-{args.backbone}-{args.scenario}"
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for baseline in args.baselines:
-        values = dict(run_flags, task=args.task, backbone=args.backbone, scenario=args.scenario, baseline=baseline,
-                      progress=False, run_name=f"{name}-{baseline}", output_dir=str(out / "runs"))
-        cfg = build_config(values)
-        t0 = time.time()
-        matrix = Engine(cfg).run()
-        s = matrix.summary()
-        s.update(baseline=baseline, minutes=(time.time() - t0) / 60)
-        rows.append(s)
-        print(f"{baseline}: ACC {fmt(s['acc_final'])} BWT {fmt(s['bwt'])} forgetting {fmt(s['forgetting'])} "
-              f"AIA {fmt(s['aia'])} ({s['minutes']:.1f} min)", flush=True)
-        (out / f"{name}.json").write_text(json.dumps({"flags": extra, "rows": rows}, indent=2, default=str))
-    til = any(r.get("til_acc_final") is not None for r in rows)
-    header = "| approach | ACC (Last) | Avg (AIA) | macro-F1 | BWT | forgetting |" + (" task-aware ACC |" if til else "") + " minutes |"
-    lines = [f"**{name}** (flags: `{' '.join(extra) or 'defaults'}`)", "", header,
-             "|---" * (header.count("|") - 1) + "|"]
-    for r in rows:
-        cells = [r["baseline"], fmt(r["acc_final"]), fmt(r["aia"]), fmt(r["macro_f1_final"]), fmt(r["bwt"]),
-                 fmt(r["forgetting"])] + ([fmt(r.get("til_acc_final"))] if til else []) + [f"{r['minutes']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n"
+    rows = run_comparison(args.task, args.backbone, args.scenario, args.baselines, extra, name, out)
+    table = markdown_table(name, extra, rows)
     (out / f"{name}.md").write_text(table)
     print(table)
 

@@ -93,3 +93,12 @@ def test_missing_data_dir_names_path_and_remedy(tmp_path, capsys):
                  "--baseline", "finetune"]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "nowhere") in err and "--data_dir" in err
+
+
+def test_existing_run_dir_is_never_overwritten_silently(tmp_path):
+    run(tmp_path, baseline="finetune", run_name="d")
+    metrics = (tmp_path / "runs" / "d" / "metrics.json").read_text()
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(tmp_path, baseline="finetune", run_name="d")
+    assert (tmp_path / "runs" / "d" / "metrics.json").read_text() == metrics
+    run(tmp_path, baseline="finetune", run_name="d", overwrite=True)

@@ -55,7 +55,7 @@ def first_test_batch(engine, task_id: int = 0):
 def protected_snapshot(approach):
     """(weight, bias, weight-used, bias-used) per protected linear, by the cumulative masks."""
     out = []
-    for linear, out_name, in_name in approach.hat._protected:
+    for linear, out_name, in_name in approach.hat.protected:
         used_out = approach.hat.cumulative[out_name]
         used = used_out[:, None] if in_name is None else torch.minimum(used_out[:, None],
                                                                         approach.hat.cumulative[in_name][None, :])
@@ -111,6 +111,22 @@ def test_hat_preserves_task0_exactly_while_learning_task1(hat_run):
     for gate in approach.hat.gates.values():
         name = next(n for n, p in approach.named_parameters() if p is gate.embedding.weight)
         assert torch.equal(gate.embedding.weight[0], hat_run["params0"][name][0])
+
+
+def test_hat_masks_travel_with_checkpoints(hat_run, tmp_path):
+    from safetensors.torch import save_model
+
+    from mmcl.engine import load_approach_weights
+
+    approach = hat_run["engine"].approach
+    saved = {n: approach.hat.cumulative[n].clone() for n in approach.hat.cumulative.keys()}
+    assert any(m.sum() > 0 for m in saved.values())
+    save_model(approach, str(tmp_path / "model.safetensors"))
+    for name in saved:
+        approach.hat.cumulative[name] = torch.zeros_like(saved[name])
+    load_approach_weights(approach, tmp_path / "model.safetensors")
+    for name, m in saved.items():
+        assert torch.equal(approach.hat.cumulative[name], m)
 
 
 def test_s_anneals_from_one_over_smax_to_smax_within_an_epoch(hat_run):
@@ -299,5 +315,6 @@ def test_ctr_trains_two_tasks_and_keeps_task0(ctr_run):
     agree = (after.argmax(-1) == ctr_run["logits0"].argmax(-1)).float().mean().item()
     assert agree >= 0.9
     assert engine.evaluate_task(engine.seq[0])[0] >= ctr_run["acc0"] - 10
-    ksm_changed = [n for n, p in approach.named_parameters() if ".ksm." in n and not torch.equal(p, ctr_run["params0"][n])]
+    params0 = ctr_run["params0"]
+    ksm_changed = [n for n, p in approach.named_parameters() if ".ksm." in n and not torch.equal(p, params0[n])]
     assert ksm_changed, "the knowledge-sharing module should train with every task"

@@ -69,15 +69,23 @@ class CtrContext(HatContext):
 
 def squash(v: torch.Tensor, dim: int = -1, eps: float = 1e-16) -> torch.Tensor:
     """Capsule non-linearity: keeps the direction, maps the norm n to n^2 / (1 + n^2) < 1."""
-    sq = (v * v).sum(dim, keepdim=True) + eps  # eps: all-zero capsules occur (padding)
+    sq = (v * v).sum(dim, keepdim=True) + eps  # eps: finite values and gradients at a zero capsule
     return sq / (1.0 + sq) * v / torch.sqrt(sq)
 
 
 def masked_max(y: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Max over the last axis restricted to its first `count` positions; y >= 0 (after a ReLU),
-    so zeroing the rest leaves the maximum unchanged. `count` has y's leading shape minus one axis."""
+    """Max over the last axis (positions) restricted to the first `count` positions.
+
+    y >= 0 (after a ReLU), so zeroing the other positions leaves the maximum unchanged.
+    `count` broadcasts against y without its last two axes (channels, positions)."""
     keep = torch.arange(y.shape[-1], device=y.device) < count[..., None]
     return (y * keep.unsqueeze(-2).to(y.dtype)).amax(-1)
+
+
+def conv_outputs_of(lengths: torch.Tensor, kernel: int) -> torch.Tensor:
+    """How many outputs a padding-(k-2) convolution gives on sequences of `lengths` real tokens:
+    exactly the outputs it would give on the unpadded sequences."""
+    return lengths + 2 * (kernel - 2) - kernel + 1
 
 
 class KnowledgeSharing(nn.Module):
@@ -122,7 +130,7 @@ class KnowledgeSharing(nn.Module):
         """Similarity (B, J, D) and router decisions (B, J) of each source task for each example."""
         B, L, J, D = votes.shape
         current = votes[:, :, task].transpose(1, 2)  # (B, D, L)
-        cur = torch.cat([masked_max(F.relu(conv(current)), lengths + k - 3)
+        cur = torch.cat([masked_max(F.relu(conv(current)), conv_outputs_of(lengths, k))
                          for conv, k in zip(self.conv_current, self.kernel_sizes)], dim=-1)
         cur = self.fc_current(cur)  # (B, filters)
         # fold (example, task) into the convolution batch and unfold in the same order
@@ -131,7 +139,7 @@ class KnowledgeSharing(nn.Module):
         for conv, k in zip(self.conv_other, self.kernel_sizes):
             y = conv(sources)
             y = F.relu(y.view(B, J, y.shape[1], y.shape[2]) + cur[:, None, :, None])
-            pooled.append(masked_max(y, (lengths + k - 3)[:, None]))
+            pooled.append(masked_max(y, conv_outputs_of(lengths, k)[:, None]))
         z = torch.cat(pooled, dim=-1)  # (B, J, 3*filters)
         similarity = self.fc_similarity(z)
         logits = self.router(z)

@@ -36,6 +36,7 @@ Differences from PyContinual (`bert_adapter_mask`), and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -140,12 +141,18 @@ class HatMasks(nn.Module):
                 if id(p.linear) in seen:
                     continue
                 seen.add(id(p.linear))
-                self._protected.append((p.linear, names[id(p.out_gate)], names[id(p.in_gate)] if p.in_gate else None))
+                in_name = names[id(p.in_gate)] if p.in_gate is not None else None
+                self._protected.append((p.linear, names[id(p.out_gate)], in_name))
         self.cumulative = BufferDict({n: torch.zeros(g.embedding.embedding_dim) for n, g in self._gates.items()})
 
     @property
     def gates(self) -> dict[str, HatGate]:
         return self._gates
+
+    @property
+    def protected(self) -> list[tuple[nn.Linear, str, str | None]]:
+        """(layer, name of its output gate, name of its input gate or None)."""
+        return self._protected
 
     def masks(self, task: int, s: float) -> dict[str, torch.Tensor]:
         return {n: g.mask(task, s) for n, g in self._gates.items()}

@@ -53,7 +53,7 @@ def _timm_model(arch: str, cfg, spec: BackboneSpec, **overrides) -> TimmVisionBa
     size = spec.image_shape[0]
     in_chans = spec.image_shape[2] if len(spec.image_shape) == 3 else 1
     kwargs = dict(img_size=size, patch_size=_patch_size(size, cfg.patch_size), in_chans=in_chans, num_classes=0,
-                  global_pool=cfg.vit_pool)
+                  global_pool=cfg.vit_pool, proj_drop_rate=cfg.vit_dropout)
     kwargs.update(overrides)
     pretrained = cfg.pretrained
     if pretrained and not Path(pretrained).exists():
