@@ -84,6 +84,24 @@ class RunConfig:
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
+    CHOICES = {
+        "optimizer": ("adamw", "sgd"), "lr_scheduler": ("constant", "linear", "cosine"),
+        "mixed_precision": ("no", "bf16", "fp16"), "pooling": ("mean", "cls"), "vit_pool": ("token", "avg"),
+        "buffer": ("reservoir", "class_balanced"),
+    }
+
+    def validate(self) -> "RunConfig":
+        """Fail before any work starts, naming the flag."""
+        for name, choices in self.CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name} must be one of {', '.join(choices)}, got '{getattr(self, name)}'")
+        for name in ("num_train_epochs", "learning_rate", "train_batch_size", "eval_batch_size", "max_seq_length"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.memory_size < 0:
+            raise ValueError(f"--memory_size must be >= 0, got {self.memory_size}")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -123,7 +123,7 @@ class Engine:
     def setup(self) -> None:
         from accelerate.utils import set_seed
 
-        cfg = self.cfg
+        cfg = self.cfg.validate()
         set_seed(cfg.seed)
         ctx = ReaderContext(
             data_dir=Path(cfg.data_dir) if cfg.data_dir else None, idrandom=cfg.idrandom, ntasks=cfg.ntasks,

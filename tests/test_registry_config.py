@@ -84,3 +84,10 @@ def test_asc_bing_domains_train_three_times_longer():
     factors = {t.name: t.info.get("epoch_multiplier", 1.0) for t in seq}
     assert factors == {"XuSemEval14_laptop": 1.0, "XuSemEval14_rest": 1.0, "Bing9domains_HitachiRouter": 3.0,
                        "Bing9domains_CanonS100": 3.0}
+
+
+@pytest.mark.parametrize("flag,value", [("optimizer", "adam"), ("lr_scheduler", "step"), ("mixed_precision", "fp8"),
+                                        ("learning_rate", 0.0), ("memory_size", -1)])
+def test_bad_settings_fail_before_any_work_naming_the_flag(flag, value):
+    with pytest.raises(ValueError, match=f"--{flag}"):
+        RunConfig(**{flag: value}).validate()
