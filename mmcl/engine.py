@@ -211,7 +211,9 @@ class Engine:
             preds.append(p.cpu()); labels.append(y.cpu()); til_preds.append(tp.cpu()); local.append(yl.cpu())
         approach.train()
         y_true, y_pred = torch.cat(labels).numpy(), torch.cat(preds).numpy()
-        a, f1 = accuracy_and_macro_f1(y_true, y_pred, num_classes=int(max(y_true.max(), y_pred.max()) + 1))
+        own = task.global_classes if self.scenario.name == "cil" else range(task.num_classes)
+        a, f1 = accuracy_and_macro_f1(y_true, y_pred, num_classes=int(max(y_true.max(), y_pred.max(), max(own)) + 1),
+                                      labels=own)
         til = None
         if self.scenario.name == "cil":
             til = float((torch.cat(til_preds) == torch.cat(local)).float().mean() * 100)

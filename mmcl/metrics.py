@@ -87,12 +87,14 @@ def average_incremental_accuracy(R: Any) -> float:
     return float(np.mean([R[t, : t + 1].mean() for t in range(R.shape[0])]))
 
 
-def accuracy_and_macro_f1(y_true: Any, y_pred: Any, num_classes: int) -> tuple[float, float]:
+def accuracy_and_macro_f1(y_true: Any, y_pred: Any, num_classes: int,
+                          labels: Sequence[int] | None = None) -> tuple[float, float]:
     """(accuracy %, macro-F1 %) from integer labels.
 
-    Macro-F1 averages over the classes present in y_true or y_pred, which is what
-    ``sklearn.metrics.f1_score(average="macro")`` does without ``labels``; classes the head has but
-    that never occur would otherwise pull the score towards 0 for tasks with few classes in the test set.
+    Macro-F1 averages over `labels` when given (a task's own classes: in CIL a prediction of
+    another task's class then counts as a miss, not as a new class with F1 = 0 that would
+    drag the mean down), else over the classes present in y_true or y_pred, which is what
+    ``sklearn.metrics.f1_score(average="macro")`` does without ``labels``.
     """
     y_true = np.asarray(y_true).reshape(-1)
     y_pred = np.asarray(y_pred).reshape(-1)
@@ -111,8 +113,13 @@ def accuracy_and_macro_f1(y_true: Any, y_pred: Any, num_classes: int) -> tuple[f
     tp = np.bincount(y_true[hit], minlength=num_classes)
     n_true = np.bincount(y_true, minlength=num_classes)
     n_pred = np.bincount(y_pred, minlength=num_classes)
-    present = (n_true + n_pred) > 0  # denominator 2tp+fp+fn = n_true+n_pred is then never 0
-    f1 = 2.0 * tp[present] / (n_true[present] + n_pred[present])
+    if labels is None:
+        present = (n_true + n_pred) > 0  # denominator 2tp+fp+fn = n_true+n_pred is then never 0
+    else:
+        present = np.zeros(num_classes, dtype=bool)
+        present[np.asarray(list(labels), dtype=np.int64)] = True
+    denom = n_true[present] + n_pred[present]
+    f1 = np.divide(2.0 * tp[present], denom, out=np.zeros(denom.shape), where=denom > 0)
     return float(hit.mean() * 100.0), float(f1.mean() * 100.0)
 
 

@@ -295,3 +295,15 @@ def test_load_metrics_errors_name_the_file(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"matrix": {"T": 2, "acc": [[1, 2]]}}))
     with pytest.raises(ValueError, match="metrics.json.*shape"):
         load_metrics(tmp_path)
+
+
+def test_macro_f1_over_given_labels_counts_foreign_predictions_as_misses():
+    from sklearn.metrics import f1_score
+
+    y_true = np.array([4, 4, 5, 5, 5, 4])
+    y_pred = np.array([4, 0, 5, 9, 5, 4])  # two predictions of classes from other tasks
+    acc, f1 = accuracy_and_macro_f1(y_true, y_pred, num_classes=10, labels=[4, 5])
+    assert acc == pytest.approx(400 / 6)
+    assert f1 == pytest.approx(100 * f1_score(y_true, y_pred, labels=[4, 5], average="macro"))
+    _, f1_union = accuracy_and_macro_f1(y_true, y_pred, num_classes=10)
+    assert f1_union < f1  # the union counts classes 0 and 9 with F1 = 0
