@@ -26,14 +26,15 @@ class Backbone(nn.Module):
     feature_dim: int = 0
     input_keys: tuple[str, ...] = ()
 
+    # The three methods every backbone defines (nn.Module cannot also be an ABC here).
     def preprocess(self, dataset):  # -> datasets.Dataset
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define preprocess()")
 
     def collate_inputs(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define collate_inputs()")
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define forward()")
 
     def accepts(self, modality: str) -> bool:
         return modality == self.modality

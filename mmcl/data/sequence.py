@@ -7,6 +7,8 @@ scenarios and approaches never know about readers.
 """
 from __future__ import annotations
 
+import abc
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -85,7 +87,7 @@ class TaskSequence:
         return scenario.head_layout(self)
 
 
-class Scenario:
+class Scenario(abc.ABC):
     """What a learner is told and which label space targets live in.
 
     name: registry name; task_id_at_test: whether `predict` receives the task id.
@@ -95,11 +97,13 @@ class Scenario:
     task_id_at_test: bool = True
     task_boundaries: bool = True
 
+    @abc.abstractmethod
     def head_layout(self, seq: TaskSequence) -> list[int]:
-        raise NotImplementedError
+        """Output sizes of the heads this scenario needs."""
 
+    @abc.abstractmethod
     def target(self, task: Task, local_label: int) -> int:
-        raise NotImplementedError
+        """The training/test target of an example with this local label."""
 
     def active_classes(self, seq: TaskSequence, seen_tasks: int) -> int:
         """How many outputs of a shared/growing head may be predicted after `seen_tasks` tasks."""
