@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from mmcl.memory import Memory
+
 
 @dataclass
 class RunConfig:
@@ -87,7 +89,7 @@ class RunConfig:
     CHOICES = {
         "optimizer": ("adamw", "sgd"), "lr_scheduler": ("constant", "linear", "cosine"),
         "mixed_precision": ("no", "bf16", "fp16"), "pooling": ("mean", "cls"), "vit_pool": ("token", "avg"),
-        "buffer": ("reservoir", "class_balanced"),
+        "buffer": Memory.strategies,
     }
 
     def validate(self) -> "RunConfig":

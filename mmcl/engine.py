@@ -91,7 +91,7 @@ def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.op
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"--optimizer must be adamw or sgd, got '{cfg.optimizer}'")
+    raise ValueError(f"--optimizer must be one of {', '.join(RunConfig.CHOICES['optimizer'])}, got '{cfg.optimizer}'")
 
 
 def lr_lambda(kind: str, total: int, warmup: int):
@@ -105,7 +105,7 @@ def lr_lambda(kind: str, total: int, warmup: int):
             return 1.0 - progress
         if kind == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
-        raise ValueError(f"--lr_scheduler must be constant, linear or cosine, got '{kind}'")
+        raise ValueError(f"--lr_scheduler must be one of {', '.join(RunConfig.CHOICES['lr_scheduler'])}, got '{kind}'")
 
     return f
 
