@@ -1,6 +1,7 @@
 """CTR's cost against bert_adapter + finetune on the same batches, as ratios, in one run.
 
     python scripts/bench_ctr.py [--task vader4] [--steps 8] [--bert_adapter_size 128]
+    python scripts/bench_ctr.py --task asc --data_dir ../shared/data     # 19 tasks: the worst case
 
 Each (approach, task index) is measured in its own subprocess so that peak memory (max RSS) is
 its own; step time = forward + backward + the approach's gradient hooks + optimiser step.
@@ -31,9 +32,7 @@ def worker(args) -> None:
     from mmcl.config import build_config
     from mmcl.engine import Engine, make_optimizer
 
-    cfg = build_config({"task": args.task, "backbone": "bert_adapter", "baseline": args.approach,
-                        "bert_adapter_size": args.bert_adapter_size, "progress": False, "save_checkpoints": False,
-                        "train_batch_size": args.batch_size})
+    cfg = build_config(dict(run_settings(args), baseline=args.approach))
     engine = Engine(cfg)
     engine.setup()
     approach = engine.approach
@@ -60,10 +59,24 @@ def worker(args) -> None:
                       "trainable_parameters": n_train, "threads": torch.get_num_threads()}))
 
 
+def run_settings(args) -> dict:
+    settings = {"task": args.task, "backbone": "bert_adapter", "bert_adapter_size": args.bert_adapter_size,
+                "progress": False, "save_checkpoints": False, "train_batch_size": args.batch_size}
+    if args.data_dir:
+        settings["data_dir"] = args.data_dir
+    if args.ntasks:
+        settings["ntasks"] = args.ntasks
+    return settings
+
+
 def measure(args, approach: str, task_index: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--approach", approach, "--task_index", str(task_index),
            "--task", args.task, "--steps", str(args.steps), "--batch_size", str(args.batch_size),
            "--bert_adapter_size", str(args.bert_adapter_size)]
+    if args.data_dir:
+        cmd += ["--data_dir", args.data_dir]
+    if args.ntasks:
+        cmd += ["--ntasks", str(args.ntasks)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -74,6 +87,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--bert_adapter_size", type=int, default=128)
+    ap.add_argument("--data_dir", default=None, help="for asc / dsc")
+    ap.add_argument("--ntasks", type=int, default=None)
     ap.add_argument("--out", default="bench_results")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--approach", default="ctr")
@@ -85,7 +100,9 @@ def main() -> None:
     from mmcl.config import build_config
     from mmcl.data import ReaderContext, load_task_sequence
 
-    last = len(load_task_sequence(args.task, ReaderContext(seed=build_config({"task": args.task}).seed))) - 1
+    cfg = build_config(run_settings(args))
+    ctx = ReaderContext(data_dir=Path(args.data_dir) if args.data_dir else None, ntasks=args.ntasks, seed=cfg.seed)
+    last = len(load_task_sequence(args.task, ctx)) - 1
     rows = []
     for index in (0, last):
         base = measure(args, "finetune", index)
@@ -94,7 +111,8 @@ def main() -> None:
                      "step_ratio": ctr["step_s"] / base["step_s"], "rss_ratio": ctr["max_rss_mb"] / base["max_rss_mb"]})
     out = Path(args.out)
     out.mkdir(exist_ok=True)
-    (out / "bench_ctr.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    stem = "bench_ctr" if args.task == "vader4" else f"bench_ctr-{args.task}"
+    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     lines = ["| task index | adapter+finetune s/step | ctr s/step | step ratio ctr/finetune | finetune max RSS MB | "
              "ctr max RSS MB | memory ratio | ctr trainable params |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -103,7 +121,7 @@ def main() -> None:
                      f"{r['ctr']['trainable_parameters']:,} |")
     table = (f"{args.task}, batch {args.batch_size}, bert_adapter_size {args.bert_adapter_size}, median of {args.steps} steps\n\n"
              + "\n".join(lines) + "\n")
-    (out / "bench_ctr.md").write_text(table)
+    (out / f"{stem}.md").write_text(table)
     print(table)
 
 

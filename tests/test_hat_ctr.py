@@ -291,6 +291,26 @@ def test_ctr_knowledge_sharing_is_per_example():
     torch.testing.assert_close(ksm(x[perm], 2, valid[perm]), together[perm], rtol=1e-5, atol=1e-6)
 
 
+def test_ctr_composed_source_convolutions_equal_convolving_the_votes():
+    """The fast path (conv composed with each task's routing weights, padding scored out) gives what
+    PyContinual's estimator computes: conv1d over each task's votes, ReLU-free, max over real outputs."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(2)
+    ksm = KnowledgeSharing(16, ntasks=4, filters=8).eval()
+    x, valid = ksm_inputs()
+    lengths = valid.sum(1).long()
+    caps = ksm.task_capsules(x, 3) * valid[:, :, None, None]
+    votes = ksm.pre_route(caps)  # (B, L, J, D)
+    fast = ksm.source_responses(caps, lengths)
+    for conv, k, got in zip(ksm.conv_other, ksm.kernel_sizes, fast):
+        for b in range(x.shape[0]):
+            for j in range(3):
+                y = conv(votes[b, :, j].T[None])[0]  # (filters, L')
+                n = int(lengths[b]) + k - 3  # outputs of the unpadded sequence
+                torch.testing.assert_close(got[b, j], y[:, :n].max(-1).values, rtol=1e-5, atol=1e-5)
+
+
 def test_ctr_mixed_batch_equals_examples_one_by_one(ctr_run):
     engine, approach = ctr_run["engine"], ctr_run["engine"].approach
     rows = [engine.seq[u].test[i] for u in (0, 1) for i in range(4)]  # lengths differ: padding varies

@@ -75,7 +75,11 @@ def load_vision_weights(model: torch.nn.Module, path: Path) -> None:
         raise FileNotFoundError(f"--pretrained '{path}': no safetensors file found")
     state = load_file(str(file))
     state = {k.removeprefix("model."): v for k, v in state.items() if not k.startswith("head")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: a checkpoint of another width, depth or patch size
+        raise ValueError(f"--pretrained '{file}' does not fit the model (check --vit_embed_dim, --vit_depth, "
+                         f"--vit_heads, --patch_size): {e}") from e
     if unexpected or [m for m in missing if not m.startswith("head")]:
         raise ValueError(
             f"--pretrained '{file}' does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
