@@ -1,8 +1,9 @@
 """PyContinual's ASC and DSC (TIL) with the offline MiniLM, next to the CTR paper's BERT-base figures.
 
     python scripts/reproduce_pycontinual.py --data_dir ../shared/data            # full: 19 ASC + 10 DSC tasks
-    python scripts/reproduce_pycontinual.py --data_dir ../shared/data --ntasks 5 --num_train_epochs 2 \
-        --approaches finetune hat ctr                                          # a CPU-sized subset
+    python scripts/reproduce_pycontinual.py --data_dir ../shared/data --tasks asc --ntasks 5 \
+        --train_data_size 200 --num_train_epochs 5 --learning_rate 1e-3 --bert_dropout 0 \
+        --bert_adapter_size 128                                                # the 2-core subset in the README
 
 Every run uses PyContinual's predefined args (--use_predefine_args) with the overrides given here;
 the table states them. Writes bench_results/pycontinual-<task>.{json,md}.

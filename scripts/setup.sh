@@ -25,5 +25,5 @@ fi
 if [ "$run_main" = 1 ]; then
   export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
   .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-    run.py --backbone bert_adapter --baseline ewc --task vader4
+    run.py --backbone bert_adapter --baseline ctr
 fi

@@ -102,3 +102,23 @@ def test_existing_run_dir_is_never_overwritten_silently(tmp_path):
         run(tmp_path, baseline="finetune", run_name="d")
     assert (tmp_path / "runs" / "d" / "metrics.json").read_text() == metrics
     run(tmp_path, baseline="finetune", run_name="d", overwrite=True)
+
+
+def test_text_evaluation_splits_are_length_sorted_and_complete():
+    from datasets import Dataset
+
+    from mmcl.backbones import BackboneSpec, build_backbone
+    from mmcl.config import RunConfig
+    from mmcl.data.sequence import Task, get_scenario
+    from mmcl.engine import prepare_task
+
+    texts = ["a b c d e f g h", "good", "a fine phone with a long battery life", "bad screen", "ok"]
+    split = lambda: Dataset.from_dict({"text": texts, "label": [0, 1, 0, 1, 0]})  # noqa: E731
+    task = Task(0, "t", "text", ["neg", "pos"], split(), split(), split())
+    backbone = build_backbone(RunConfig(backbone="bert_frozen", max_seq_length=32), BackboneSpec(("text",)))
+    prepare_task(task, backbone, get_scenario("til"))
+    lengths = [len(ids) for ids in task.test["input_ids"]]
+    assert lengths == sorted(lengths) and lengths != [len(ids) for ids in task.train["input_ids"]]
+    tokenised = {tuple(backbone.tokenizer(t)["input_ids"]): y for t, y in zip(texts, [0, 1, 0, 1, 0])}
+    assert {tuple(r["input_ids"]): r["label"] for r in task.test} == tokenised  # same examples, same labels
+    assert [len(ids) for ids in task.train["input_ids"]] == [len(backbone.tokenizer(t)["input_ids"]) for t in texts]

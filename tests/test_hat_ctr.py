@@ -313,7 +313,9 @@ def test_ctr_composed_source_convolutions_equal_convolving_the_votes():
 
 def test_ctr_mixed_batch_equals_examples_one_by_one(ctr_run):
     engine, approach = ctr_run["engine"], ctr_run["engine"].approach
-    rows = [engine.seq[u].test[i] for u in (0, 1) for i in range(4)]  # lengths differ: padding varies
+    # spread over each (length-sorted) test set, so lengths differ and padding varies
+    rows = [engine.seq[u].test[int(i)] for u in (0, 1)
+            for i in torch.linspace(0, len(engine.seq[u].test) - 1, 4).long()]
     batch = approach.batch_from_rows(rows)
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 1
     approach.eval()

@@ -29,10 +29,11 @@ def test_accelerate_launch_run_py_split_digits(tmp_path):
     assert metrics["summary"]["til_acc_final"] > metrics["summary"]["acc_final"]
 
 
-def test_main_job_vader4_bert_adapter_ewc(tmp_path):
-    """The README's main job, as it runs after set-up (about 6 minutes on 2 cores)."""
-    out = launch(["--backbone", "bert_adapter", "--baseline", "ewc", "--task", "vader4", "--run_name", "main"], tmp_path)
+def test_main_job_bert_adapter_ctr_on_the_default_task(tmp_path):
+    """The README's main job, as it runs after set-up: CTR on vader4, the default task sequence."""
+    out = launch(["--backbone", "bert_adapter", "--baseline", "ctr", "--run_name", "main"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "main" / "metrics.json").read_text())
     assert len(metrics["matrix"]["acc"]) == 4 and all(len(r) == 4 for r in metrics["matrix"]["acc"])
+    assert metrics["meta"]["task_sequence"] == "vader4" and metrics["meta"]["approach"] == "ctr"
     assert metrics["summary"]["acc_final"] > 70

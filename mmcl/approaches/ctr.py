@@ -12,6 +12,8 @@ every BERT layer, before the residual LayerNorm), for a batch x of shape (B, L, 
        each) max-pooled over real tokens; the current task's votes summarise into `cur`, every
        task j's votes are scored together with `cur`:         z (B, J, 3*filters)
        -> similarity a_j (B, J, D) and router logits (B, J, 2)
+       (the convolutions over every task's votes, the cost that grows with t, run on the
+       capsules through weights composed with each task's pre-route transforms: `source_responses`)
     4. task router: a hard Gumbel-softmax picks, per example and task, whether j transfers
        (delta_j in {0, 1}; the argmax at evaluation)
     5. transfer: v = sum_{j<=t} delta_j * a_j * votes_j (B, L, D); the lower-triangular task mask
