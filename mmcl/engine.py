@@ -53,6 +53,15 @@ def set_cpu_threads(accelerator) -> None:
     torch.set_num_threads(threads)
 
 
+def reader_context(cfg: RunConfig) -> ReaderContext:
+    """What the task-sequence readers take from a run's settings."""
+    return ReaderContext(
+        data_dir=Path(cfg.data_dir) if cfg.data_dir else None, idrandom=cfg.idrandom, ntasks=cfg.ntasks,
+        seed=cfg.data_seed if cfg.data_seed is not None else cfg.seed, train_data_size=cfg.train_data_size,
+        max_train_per_task=cfg.max_train_per_task,
+    )
+
+
 def backbone_spec(seq: TaskSequence) -> BackboneSpec:
     image_shape = None
     for task in seq:
@@ -130,11 +139,7 @@ class Engine:
 
         cfg = self.cfg.validate()
         set_seed(cfg.seed)
-        ctx = ReaderContext(
-            data_dir=Path(cfg.data_dir) if cfg.data_dir else None, idrandom=cfg.idrandom, ntasks=cfg.ntasks,
-            seed=cfg.data_seed if cfg.data_seed is not None else cfg.seed, train_data_size=cfg.train_data_size,
-            max_train_per_task=cfg.max_train_per_task,
-        )
+        ctx = reader_context(cfg)
         self.scenario = get_scenario(cfg.scenario)
         cfg.scenario = self.scenario.name
         approach_cls = APPROACHES.get(cfg.baseline)

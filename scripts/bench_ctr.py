@@ -98,11 +98,11 @@ def main() -> None:
         return worker(args)
 
     from mmcl.config import build_config
-    from mmcl.data import ReaderContext, load_task_sequence
+    from mmcl.data import load_task_sequence
+    from mmcl.engine import reader_context
 
-    cfg = build_config(run_settings(args))
-    ctx = ReaderContext(data_dir=Path(args.data_dir) if args.data_dir else None, ntasks=args.ntasks, seed=cfg.seed)
-    last = len(load_task_sequence(args.task, ctx)) - 1
+    # the workers' own sequence (same settings), so the last index is theirs
+    last = len(load_task_sequence(args.task, reader_context(build_config(run_settings(args))))) - 1
     rows = []
     for index in (0, last):
         base = measure(args, "finetune", index)

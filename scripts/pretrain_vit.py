@@ -124,15 +124,18 @@ def save(out: Path, backbone, info: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from mmcl.config import RunConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="pretrained/vit-digits")
     ap.add_argument("--backbone", default="vit", choices=["vit", "convit"])
     ap.add_argument("--image_size", type=int, default=28)
-    ap.add_argument("--vit_embed_dim", type=int, default=192)
-    ap.add_argument("--vit_depth", type=int, default=4)
-    ap.add_argument("--vit_heads", type=int, default=3)
-    ap.add_argument("--patch_size", type=int, default=None)
-    ap.add_argument("--vit_pool", default="token", choices=["token", "avg"])
+    # a run's own defaults, so that `--pretrained` fits `mmcl run` with the same (or no) architecture flags
+    ap.add_argument("--vit_embed_dim", type=int, default=RunConfig.vit_embed_dim)
+    ap.add_argument("--vit_depth", type=int, default=RunConfig.vit_depth)
+    ap.add_argument("--vit_heads", type=int, default=RunConfig.vit_heads)
+    ap.add_argument("--patch_size", type=int, default=RunConfig.patch_size)
+    ap.add_argument("--vit_pool", default=RunConfig.vit_pool, choices=RunConfig.CHOICES["vit_pool"])
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
