@@ -36,6 +36,7 @@ class RunConfig:
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.0  # sgd only
     learning_rate: float = 1e-3
+    head_lr: float | None = None  # classifier heads' learning rate (None: learning_rate)
     weight_decay: float = 0.0
     train_batch_size: int = 32
     eval_batch_size: int = 128
@@ -77,6 +78,8 @@ class RunConfig:
     num_semantic_cap: int = 3  # CTR: transfer capsules per task (pre-route vectors of semantic_cap_size each)
     ctr_filters: int = 100  # CTR similarity estimator: convolution filters per kernel size
     ctr_kernel_sizes: str = "3,4,5"
+    ctr_ksm_lr_scale: float = 0.1  # CTR: the knowledge-sharing module learns at this x learning_rate (PyContinual: 1)
+    ctr_zero_up: bool = True  # CTR: the KSM's up-projection starts at zero (PyContinual: nn.Linear's init)
     # output
     output_dir: str = "runs"
     run_name: str | None = None
@@ -97,6 +100,9 @@ class RunConfig:
         for name, choices in self.CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, got '{getattr(self, name)}'")
+        for name in ("head_lr", "ctr_ksm_lr_scale"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("num_train_epochs", "learning_rate", "train_batch_size", "eval_batch_size", "max_seq_length"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")

@@ -99,7 +99,8 @@ class Collator:
         return batch
 
 
-def make_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: RunConfig, params: list) -> torch.optim.Optimizer:
+    """`params`: parameters or parameter groups (`Approach.parameter_groups`)."""
     # A fresh optimiser per task: no moment estimates leak from one task into the next.
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -246,8 +247,7 @@ class Engine:
         set_seed(cfg.seed + task.id)
         approach.before_task(task)
         loader = self.loader(approach.train_dataset(task), cfg.train_batch_size, shuffle=True, seed=cfg.seed + task.id)
-        params = [p for p in approach.parameters_to_train() if p.requires_grad]
-        optimizer = make_optimizer(cfg, params)
+        optimizer = make_optimizer(cfg, approach.parameter_groups())
         epochs = cfg.num_train_epochs * task.info.get("epoch_multiplier", 1.0)
         total = max(1, math.ceil(len(loader) * epochs))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -270,7 +270,7 @@ class Engine:
                 acc.backward(loss)
                 approach.before_optimizer_step()
                 if cfg.clipgrad:
-                    acc.clip_grad_norm_(params, cfg.clipgrad)
+                    acc.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clipgrad)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -40,7 +40,7 @@ def worker(args) -> None:
     approach.before_task(task)
     loader = engine.loader(task.train, cfg.train_batch_size, shuffle=False)
     batches = [b for _, b in zip(range(args.steps + 2), loader)]
-    optimizer = make_optimizer(cfg, [p for p in approach.parameters_to_train() if p.requires_grad])
+    optimizer = make_optimizer(cfg, approach.parameter_groups())
     approach.train()
     times = []
     for i, batch in enumerate(batches):

@@ -154,3 +154,31 @@ def test_cil_head_predicts_only_seen_classes(tmp_path):
     logits = engine.approach.predict(first_batch(engine, 1, "test"), None)
     assert logits.shape[1] == 4
     assert torch.isinf(logits[:, 2:]).all() and logits.argmax(-1).max() <= 1
+
+
+def test_head_lr_gives_heads_their_own_learning_rate(tmp_path):
+    from mmcl.engine import make_optimizer
+
+    engine = built(tmp_path, "finetune", learning_rate=1e-4, head_lr=1e-2)
+    approach = engine.approach
+    opt = make_optimizer(engine.cfg, approach.parameter_groups())
+    heads = {id(p) for p in approach.model.heads.parameters()}
+    assert len(opt.param_groups) == 2
+    encoder, head = opt.param_groups
+    assert encoder["lr"] == pytest.approx(1e-4) and head["lr"] == pytest.approx(1e-2)
+    assert {id(p) for p in head["params"]} == heads and not heads & {id(p) for p in encoder["params"]}
+    trainable = [p for p in approach.parameters_to_train() if p.requires_grad]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
+    # one step with equal gradients moves the heads 100x further than the encoder (AdamW: step ~ lr)
+    before = {id(p): p.detach().clone() for p in trainable}
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    moved = {id(p): (p.detach() - before[id(p)]).abs().max().item() for p in trainable}
+    assert max(moved[i] for i in heads) == pytest.approx(1e-2, rel=1e-3)
+    assert max(v for i, v in moved.items() if i not in heads) == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_head_lr_must_be_positive(tmp_path):
+    with pytest.raises(ValueError, match="--head_lr"):
+        tiny_config(tmp_path, baseline="finetune", head_lr=0.0).validate()

@@ -39,10 +39,10 @@ def toy_text_sequence(n_train: int = 48, n_test: int = 24):
     return TaskSequence("toytext", tasks)
 
 
-def text_engine(tmp_path, baseline: str) -> Engine:
+def text_engine(tmp_path, baseline: str, **overrides) -> Engine:
     cfg = tiny_config(tmp_path, task="toytext", backbone="bert_adapter", baseline=baseline, bert_adapter_size=8,
                       max_seq_length=32, num_train_epochs=3, learning_rate=5e-3, train_batch_size=16,
-                      save_checkpoints=False)
+                      save_checkpoints=False, **overrides)
     engine = Engine(cfg, sequence=toy_text_sequence())
     engine.setup()
     return engine
@@ -64,9 +64,9 @@ def protected_snapshot(approach):
     return out
 
 
-def two_tasks(tmp_path, baseline):
+def two_tasks(tmp_path, baseline, **overrides):
     """Train task 0, snapshot, train task 1: what the preservation tests compare."""
-    engine = text_engine(tmp_path, baseline)
+    engine = text_engine(tmp_path, baseline, **overrides)
     approach = engine.approach
     engine.train_task(engine.seq[0])
     acc0 = engine.evaluate_task(engine.seq[0])[0]
@@ -87,7 +87,8 @@ def hat_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ctr_run(tmp_path_factory):
-    return two_tasks(tmp_path_factory.mktemp("ctr"), "ctr")
+    # PyContinual's KSM settings: a full-rate, randomly initialised KSM makes the batch tests bite
+    return two_tasks(tmp_path_factory.mktemp("ctr"), "ctr", ctr_ksm_lr_scale=1.0, ctr_zero_up=False)
 
 
 # -- HAT -------------------------------------------------------------------------------------------
@@ -340,3 +341,30 @@ def test_ctr_trains_two_tasks_and_keeps_task0(ctr_run):
     params0 = ctr_run["params0"]
     ksm_changed = [n for n, p in approach.named_parameters() if ".ksm." in n and not torch.equal(p, params0[n])]
     assert ksm_changed, "the knowledge-sharing module should train with every task"
+
+
+def test_ctr_ksm_learning_rate_and_zero_up(tmp_path):
+    from mmcl.approaches.ctr import CtrPlugin
+    from mmcl.engine import make_optimizer
+
+    cfg = tiny_config(tmp_path, task="toytext", backbone="bert_adapter", baseline="ctr", bert_adapter_size=8,
+                      max_seq_length=32, learning_rate=1e-3, ctr_ksm_lr_scale=0.01, head_lr=1e-2, ctr_zero_up=True,
+                      save_checkpoints=False)
+    engine = Engine(cfg, sequence=toy_text_sequence())
+    engine.setup()
+    approach = engine.approach
+    groups = make_optimizer(cfg, approach.parameter_groups()).param_groups
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    trainable = [p for p in approach.parameters_to_train() if p.requires_grad]
+    assert len(lr_of) == sum(len(g["params"]) for g in groups) == len(trainable)  # each parameter once
+    plugins = [m for m in approach.modules() if isinstance(m, CtrPlugin)]
+    assert plugins
+    for plugin in plugins:
+        assert all(lr_of[id(p)] == pytest.approx(1e-5) for p in plugin.ksm.parameters())
+        assert {lr_of[id(p)] for p in plugin.tsm.parameters() if p.requires_grad} == {1e-3}
+        assert plugin.ksm.up.weight.abs().sum() == 0 and plugin.ksm.up.bias.abs().sum() == 0
+    assert {lr_of[id(p)] for p in approach.model.heads.parameters()} == {1e-2}
+    # a zero up-projection: each site is exactly x + TSM(x) at the start
+    x = torch.randn(2, 5, plugins[0].ksm.up.out_features)
+    plugins[0].ctx.task, plugins[0].ctx.valid = 0, None
+    torch.testing.assert_close(plugins[0](x), x + plugins[0].tsm.transform(x))

@@ -106,6 +106,20 @@ class Approach(nn.Module):
     def parameters_to_train(self) -> Iterable[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups; a group's "lr" overrides --learning_rate (the scheduler scales all).
+
+        The classifier heads get --head_lr when it is set: a head learns its task fast while the
+        shared encoder moves slowly, the usual fine-tuning split of learning rates."""
+        params = [p for p in self.parameters_to_train() if p.requires_grad]
+        heads = getattr(self.model, "heads", None)
+        if self.cfg.head_lr is None or not isinstance(heads, nn.Module):
+            return [{"params": params}]
+        in_heads = {id(p) for p in heads.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in in_heads]},
+                  {"params": [p for p in params if id(p) in in_heads], "lr": self.cfg.head_lr}]
+        return [g for g in groups if g["params"]]
+
     def forward(self, batch: dict) -> torch.Tensor:
         # The engine calls the (possibly DDP-wrapped) approach, so gradients synchronise.
         return self.training_step(batch, self.current_task)
