@@ -46,13 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list backbones, approaches, task sequences and scenarios")
     report = sub.add_parser("report", help="re-render results.md and the plot of a run directory")
     report.add_argument("run_dir")
+    push = sub.add_parser("push", help="export a finished run as a model folder and upload it to the Hugging Face Hub")
+    push.add_argument("run_dir")
+    push.add_argument("--repo_id", required=True, help="OWNER/NAME on the Hub")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--export_only", action="store_true", help="write <run_dir>/hub and upload nothing")
+    ev = sub.add_parser("eval", help="test an exported model (folder or Hub repo id) on a task sequence")
+    ev.add_argument("--model", required=True, help="model folder or Hub repo id")
+    ev.add_argument("--task", default=None, help="task sequence (default: the one it was trained on)")
+    ev.add_argument("--data_dir", default=None)
+    ev.add_argument("--revision", default=None)
     return parser
 
 
-def cmd_run(values: dict) -> int:
+def offline_by_default() -> None:
     if os.environ.get("MMCL_OFFLINE", "1") == "1":
         # The hub is often unreachable and its calls then hang; set HF_HUB_OFFLINE=0 (or MMCL_OFFLINE=0) to use it.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def cmd_run(values: dict) -> int:
+    if not values.get("push_to_hub"):
+        offline_by_default()
     from mmcl.engine import Engine
 
     if values.get("resume"):
@@ -69,6 +84,10 @@ def cmd_run(values: dict) -> int:
         print(f"\nrun dir: {engine.run_dir}")
         print(f"ACC {fmt(s['acc_final'])}  macro-F1 {fmt(s['macro_f1_final'])}  BWT {fmt(s['bwt'])}  "
               f"FWT {fmt(s['fwt'])}  forgetting {fmt(s['forgetting'])}  AIA {fmt(s['aia'])}")
+        if cfg.push_to_hub:
+            from mmcl.hub import push_to_hub
+
+            print(f"pushed to {push_to_hub(engine.run_dir, cfg.hub_model_id, private=cfg.hub_private)}")
     _shutdown(engine.accelerator)
     return 0
 
@@ -78,6 +97,7 @@ def _shutdown(accelerator) -> None:
     import torch.distributed as dist
 
     accelerator.wait_for_everyone()
+    accelerator.free_memory()  # DDP wrappers go while the process group still exists
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -105,6 +125,26 @@ def cmd_report(run_dir: str) -> int:
     return 0
 
 
+def cmd_push(values: dict) -> int:
+    from mmcl.hub import export_run, push_to_hub
+
+    if values["export_only"]:
+        print(f"wrote {export_run(values['run_dir'])}")
+    else:
+        print(f"pushed to {push_to_hub(values['run_dir'], values['repo_id'], private=values['private'])}")
+    return 0
+
+
+def cmd_eval(values: dict) -> int:
+    offline_by_default()
+    from mmcl.hub import evaluate_pretrained
+
+    acc, f1 = evaluate_pretrained(values["model"], values["task"], values["data_dir"], values["revision"])
+    print("accuracy:", " ".join(f"{a:.2f}" for a in acc), f"(mean {sum(acc) / len(acc):.2f})")
+    print("macro-F1:", " ".join(f"{a:.2f}" for a in f1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k != "command"}
@@ -118,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_list()
         if args.command == "report":
             return cmd_report(values["run_dir"])
+        if args.command == "push":
+            return cmd_push(values)
+        if args.command == "eval":
+            return cmd_eval(values)
     except (ValueError, FileNotFoundError, FileExistsError, UnknownNameError, CheckpointError) as e:
         # bad input: one clear line naming the flag, file or field, no traceback
         print(f"mmcl: error: {e}", file=sys.stderr)

@@ -87,6 +87,9 @@ class RunConfig:
     overwrite: bool = False  # replace an existing run directory of the same name
     save_checkpoints: bool = True
     progress: bool = True
+    push_to_hub: bool = False  # upload the finished run's model folder (mmcl/hub.py) to --hub_model_id
+    hub_model_id: str | None = None
+    hub_private: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     CHOICES = {
@@ -106,6 +109,10 @@ class RunConfig:
         for name in ("num_train_epochs", "learning_rate", "train_batch_size", "eval_batch_size", "max_seq_length"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id OWNER/NAME")
+        if self.push_to_hub and not self.save_checkpoints:
+            raise ValueError("--push_to_hub uploads the last task's checkpoint: drop --no-save_checkpoints")
         if self.memory_size < 0:
             raise ValueError(f"--memory_size must be >= 0, got {self.memory_size}")
         return self

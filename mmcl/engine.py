@@ -155,7 +155,8 @@ class Engine:
         bad = [t.name for t in self.seq if t.modality not in approach_cls.modalities]
         if bad:
             raise ValueError(f"--baseline {cfg.baseline} does not handle the modality of tasks {bad}")
-        self.backbone = build_backbone(cfg, backbone_spec(self.seq))
+        self.spec = backbone_spec(self.seq)
+        self.backbone = build_backbone(cfg, self.spec)
         bad = [f"{t.name} ({t.modality})" for t in self.seq if not self.backbone.accepts(t.modality)]
         if bad:
             raise ValueError(f"--backbone {cfg.backbone} cannot take tasks {bad}; choose a backbone for that modality")
@@ -294,6 +295,10 @@ class Engine:
                     if n in best_state:
                         p.copy_(best_state[n])
         approach.after_task(task, self.loader(task.train, cfg.train_batch_size, shuffle=False))
+        # drop this task's DDP wrapper, optimiser and loaders: one per task would pile up (gradient
+        # buckets), and DDP reducers freed only at exit, after the process group, abort under gloo
+        del model, optimizer, scheduler
+        acc.free_memory()
 
     # -- output ----------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -309,6 +314,7 @@ class Engine:
         return {
             "task_sequence": self.seq.name, "tasks": [t.name for t in self.seq],
             "modalities": [t.modality for t in self.seq], "classes": [t.classes for t in self.seq],
+            "image_shape": list(self.spec.image_shape) if self.spec.image_shape else None,
             "backbone": self.cfg.backbone, "approach": self.cfg.baseline, "scenario": self.scenario.name,
             "seed": self.cfg.seed, "idrandom": self.cfg.idrandom, "num_processes": self.accelerator.num_processes,
             "mixed_precision": self.cfg.mixed_precision, "parameters": n_params, "trainable_parameters": n_train,

@@ -29,7 +29,11 @@ class Replay(Approach):
         self._rng = np.random.default_rng(self.cfg.seed + 7919 * (task.id + 1))
 
     def memory_batch(self, n: int) -> dict | None:
-        refs = self.memory.sample(n, self._rng)
+        """n memory rows for this process: every process draws the same global batch of n x processes
+        rows and takes its own slice, so k processes replay what one process with k x the batch would."""
+        acc = self._accelerator
+        world, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+        refs = self.memory.sample(n * world, self._rng)[rank * n:(rank + 1) * n]
         if not refs:
             return None
         rows = [self.seq[t].train[r] for t, r in refs]

@@ -1,0 +1,117 @@
+"""Sharing runs: export, Hub push (patched, no network), from_pretrained, mmcl eval."""
+import json
+
+import pytest
+import torch
+
+from conftest import synthetic_image_sequence, tiny_config
+from mmcl.engine import Engine
+from mmcl.engine_errors import CheckpointError
+from mmcl.hub import EXPORT_FILES, export_run, from_pretrained
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hub")
+    engine = Engine(tiny_config(tmp, baseline="finetune", scenario="til", run_name="toy"),
+                    sequence=synthetic_image_sequence())
+    engine.run()
+    return engine, tmp / "runs" / "toy"
+
+
+def test_export_writes_exactly_the_model_folder_with_a_card(toy_run):
+    engine, run_dir = toy_run
+    folder = export_run(run_dir)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(EXPORT_FILES)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["approach"] == "finetune" and config["backbone"] == "vit" and config["scenario"] == "til"
+    assert [t["classes"] for t in config["tasks"]] == [t.classes for t in engine.seq]
+    assert config["image_shape"] == [8, 8]
+    card = (folder / "README.md").read_text()
+    head = card.split("---")[1]
+    assert "library_name: mmcl" in head and "- continual-learning" in head and "- finetune" in head
+    assert "## Accuracy matrix" in card
+    assert json.loads((folder / "metrics.json").read_text()) == json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_from_pretrained_gives_identical_logits(toy_run):
+    engine, run_dir = toy_run
+    folder = export_run(run_dir, run_dir.parent / "toy-model")
+    model = from_pretrained(folder)
+    batch = next(iter(engine.loader(engine.seq[1].test, 32, shuffle=False)))
+    engine.approach.eval()
+    for task_id in (0, 1):
+        assert torch.equal(model.predict(batch, task_id), engine.approach.predict(batch, task_id))
+
+
+def test_from_pretrained_downloads_repo_ids_through_huggingface_hub(toy_run, monkeypatch):
+    import huggingface_hub
+
+    _, run_dir = toy_run
+    folder = export_run(run_dir, run_dir.parent / "toy-snapshot")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        calls.append((repo_id, revision, tuple(allow_patterns)))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    model = from_pretrained("someone/toy-finetune", revision="main")
+    assert calls == [("someone/toy-finetune", "main", EXPORT_FILES)]
+    assert model.mmcl_config["approach"] == "finetune"
+    with pytest.raises(FileNotFoundError, match="neither a model folder nor a Hub repo id"):
+        from_pretrained(run_dir.parent / "no-such-folder")
+
+
+def test_push_uploads_exactly_the_export_files_and_never_prints_the_token(toy_run, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    _, run_dir = toy_run
+    sent = {}
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, **kw):
+        sent["repo"] = (repo_id, private, exist_ok, self.token)
+
+    def upload_folder(self, folder_path, repo_id, allow_patterns=None, **kw):
+        from pathlib import Path
+
+        files = sorted(p.name for p in Path(folder_path).iterdir())
+        sent["files"] = [f for f in files if any(Path(f).match(p) for p in allow_patterns)]
+        sent["all"] = files
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    from mmcl.cli import main
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value")
+    assert main(["push", str(run_dir), "--repo_id", "someone/toy", "--private"]) == 0
+    assert sent["repo"][:3] == ("someone/toy", True, True)
+    assert sent["files"] == sent["all"] == sorted(EXPORT_FILES)
+    out = capsys.readouterr()
+    assert "someone/toy" in out.out and "hf_secret_token_value" not in out.out + out.err
+    assert sent["repo"][3] is None  # no token handed over: huggingface_hub reads HF_TOKEN itself
+
+
+def test_export_of_an_unfinished_run_is_a_clear_error(toy_run, tmp_path):
+    import shutil
+
+    _, run_dir = toy_run
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("task_1", "hub"))
+    with pytest.raises(CheckpointError, match="--resume"):
+        export_run(partial)
+
+
+def test_mmcl_eval_reproduces_the_last_accuracy_row(tmp_path, capsys):
+    """A real registered task sequence, so that `mmcl eval` can load its data by name."""
+    from mmcl.cli import main
+
+    cfg = tiny_config(tmp_path, task="split_digits", ntasks=2, num_train_epochs=1, run_name="digits",
+                      max_train_per_task=64)
+    matrix = Engine(cfg).run()
+    run_dir = tmp_path / "runs" / "digits"
+    assert main(["push", str(run_dir), "--repo_id", "x/y", "--export_only"]) == 0
+    assert main(["eval", "--model", str(run_dir / "hub")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    row = [float(v) for v in next(line for line in printed if line.startswith("accuracy:")).split()[1:3]]
+    assert row == pytest.approx([round(float(a), 2) for a in matrix.acc[-1]], abs=0.006)

@@ -1,0 +1,47 @@
+"""bf16 autocast on the CPU (fp16 on CUDA): every approach trains and evaluates under it."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import synthetic_image_sequence, tiny_config
+from mmcl.approaches import APPROACHES
+from mmcl.engine import Engine
+from test_hat_ctr import toy_text_sequence
+
+TEXT_ONLY = {"hat", "ctr"}
+IMAGE = ["finetune", "joint", "one", "replay", "ewc", "lwf"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate's state is per process: reset it so that this file's bf16 and the others' fp32 coexist."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_every_registered_approach_is_covered():
+    assert set(APPROACHES.names()) <= set(IMAGE) | TEXT_ONLY, "add new approaches to this file's bf16 runs"
+
+
+
+@pytest.mark.parametrize("baseline", IMAGE + sorted(TEXT_ONLY))
+def test_bf16_run_completes_and_learns(tmp_path, baseline):
+    if baseline in TEXT_ONLY:
+        cfg = tiny_config(tmp_path, task="toytext", backbone="bert_adapter", baseline=baseline, bert_adapter_size=8,
+                          max_seq_length=32, num_train_epochs=3, learning_rate=5e-3, mixed_precision="bf16",
+                          save_checkpoints=False)
+        seq = toy_text_sequence()
+    else:
+        cfg = tiny_config(tmp_path, baseline=baseline, mixed_precision="bf16", save_checkpoints=False)
+        seq = synthetic_image_sequence()
+    engine = Engine(cfg, sequence=seq)
+    matrix = engine.run()
+    assert engine.accelerator.mixed_precision == "bf16"
+    assert np.isfinite(matrix.acc).all() and np.isfinite(matrix.f1).all()
+    assert np.diag(matrix.acc).min() >= 75, matrix.acc
+    batch = next(iter(engine.loader(seq[0].test, 8, shuffle=False)))
+    with engine.accelerator.autocast():
+        assert engine.approach.predict(batch, 0).dtype == torch.bfloat16  # the matmuls did run in bf16
