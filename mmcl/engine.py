@@ -133,6 +133,7 @@ class Engine:
         self.is_main = self.accelerator.is_main_process
         self.run_dir: Path | None = None
         self.log_path: Path | None = None
+        self.eval_counts: dict[tuple[int, str], int] = {}  # (task, split) -> examples in the latest evaluation
 
     # -- set-up --------------------------------------------------------------------------
     def setup(self) -> None:
@@ -223,6 +224,7 @@ class Engine:
             preds.append(p.cpu()); labels.append(y.cpu()); til_preds.append(tp.cpu()); local.append(yl.cpu())
         approach.train()
         y_true, y_pred = torch.cat(labels).numpy(), torch.cat(preds).numpy()
+        self.eval_counts[(task.id, split)] = len(y_true)  # every example once, whatever the processes
         own = task.global_classes if self.scenario.name == "cil" else range(task.num_classes)
         a, f1 = accuracy_and_macro_f1(y_true, y_pred, num_classes=int(max(y_true.max(), y_pred.max(), max(own)) + 1),
                                       labels=own)
@@ -249,6 +251,7 @@ class Engine:
         approach.before_task(task)
         loader = self.loader(approach.train_dataset(task), cfg.train_batch_size, shuffle=True, seed=cfg.seed + task.id)
         optimizer = make_optimizer(cfg, approach.parameter_groups())
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         epochs = cfg.num_train_epochs * task.info.get("epoch_multiplier", 1.0)
         total = max(1, math.ceil(len(loader) * epochs))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -271,7 +274,7 @@ class Engine:
                 acc.backward(loss)
                 approach.before_optimizer_step()
                 if cfg.clipgrad:
-                    acc.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clipgrad)
+                    acc.clip_grad_norm_(params, cfg.clipgrad)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -115,3 +115,21 @@ def test_mmcl_eval_reproduces_the_last_accuracy_row(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     row = [float(v) for v in next(line for line in printed if line.startswith("accuracy:")).split()[1:3]]
     assert row == pytest.approx([round(float(a), 2) for a in matrix.acc[-1]], abs=0.006)
+
+
+def test_push_to_hub_flag_uploads_at_the_end_of_a_run(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    from mmcl.cli import main
+
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, folder_path, repo_id, **kw: uploads.append(
+        (repo_id, sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir()))))
+    flags = ["run", "--task", "split_digits", "--ntasks", "2", "--max_train_per_task", "32", "--backbone", "vit",
+             "--vit_embed_dim", "32", "--vit_depth", "1", "--vit_heads", "2", "--patch_size", "4", "--baseline",
+             "finetune", "--no-progress", "--output_dir", str(tmp_path), "--run_name", "pushed"]
+    assert main(flags + ["--push_to_hub"]) == 2  # no --hub_model_id: a clear error before any work
+    assert "--hub_model_id" in capsys.readouterr().err and not (tmp_path / "pushed").exists()
+    assert main(flags + ["--push_to_hub", "--hub_model_id", "someone/digits"]) == 0
+    assert uploads == [("someone/digits", sorted(EXPORT_FILES))]
