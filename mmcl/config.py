@@ -80,6 +80,9 @@ class RunConfig:
     ctr_kernel_sizes: str = "3,4,5"
     ctr_ksm_lr_scale: float = 0.1  # CTR: the knowledge-sharing module learns at this x learning_rate (PyContinual: 1)
     ctr_zero_up: bool = True  # CTR: the KSM's up-projection starts at zero (PyContinual: nn.Linear's init)
+    dytox_div_weight: float = 0.1  # DyTox divergence head's loss weight
+    dytox_finetune_epochs: int = 5  # DyTox balanced fine-tuning after each task > 0 (paper: 20)
+    dytox_finetune_lr_scale: float = 0.1  # its lr as a share of learning_rate (paper: 5e-5 vs 5e-4)
     # output
     output_dir: str = "runs"
     run_name: str | None = None

@@ -28,10 +28,15 @@ class Memory:
     def __len__(self) -> int:
         return len(self.items)
 
-    def add_task(self, task_id: int, labels: list[int]) -> None:
-        """Offer every example of a task once; `labels` are class keys (global per scenario)."""
+    def add_task(self, task_id: int, labels: list[int], order: list[int] | None = None) -> None:
+        """Offer every example of a task once; `labels` are class keys (global per scenario).
+
+        `order` (class_balanced only): rows in order of preference, e.g. `herding_order` per class;
+        each class keeps the first rows of it that fit its share. Default: a seeded random order."""
         rng = np.random.default_rng(self.seed + 1000 * (task_id + 1))
-        order = rng.permutation(len(labels))
+        if order is not None and self.strategy != "class_balanced":
+            raise ValueError("a preferred order needs --buffer class_balanced")
+        order = rng.permutation(len(labels)) if order is None else np.asarray(order)
         if self.strategy == "reservoir":
             for row in order:
                 item = (task_id, int(row), int(labels[row]))
@@ -90,3 +95,25 @@ class Memory:
         self.size, self.strategy, self.seed = state["size"], state["strategy"], state["seed"]
         self.seen = state["seen"]
         self.items = [tuple(it) for it in state["items"]]
+
+
+def herding_order(features: "torch.Tensor", k: int | None = None) -> list[int]:
+    """Herding (Welling 2009, as in iCaRL and DyTox): greedily pick the example that brings the mean of
+    the picked ones closest to the class mean. `features` (n, d) of one class; returns k row indices."""
+    import torch
+
+    x = torch.nn.functional.normalize(features.float(), dim=1)
+    target = x.mean(0)
+    k = len(x) if k is None else min(k, len(x))
+    picked: list[int] = []
+    total = torch.zeros_like(target)
+    available = torch.ones(len(x), dtype=torch.bool)
+    for i in range(k):
+        # distance of the running mean to the class mean if each candidate were added next
+        dist = ((total[None] + x) / (i + 1) - target[None]).norm(dim=1)
+        dist[~available] = float("inf")
+        j = int(dist.argmin())
+        picked.append(j)
+        available[j] = False
+        total += x[j]
+    return picked

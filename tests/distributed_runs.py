@@ -30,6 +30,7 @@ def main() -> None:
     engine = None
     for approach in approaches:
         values = dict(TEXT if approach in TEXT_ONLY else IMAGE, ntasks=2, baseline=approach, scenario="til",
+                      **({"backbone": "convit"} if approach == "dytox" else {}),
                       train_batch_size=batch, memory_size=40, lamb=100.0, progress=False, save_checkpoints=False,
                       output_dir=str(out / "runs"), run_name=approach, overwrite=True)
         engine = Engine(build_config(values), accelerator=engine.accelerator if engine else None)

@@ -9,7 +9,7 @@ from mmcl.engine import Engine
 from test_hat_ctr import toy_text_sequence
 
 TEXT_ONLY = {"hat", "ctr"}
-IMAGE = ["finetune", "joint", "one", "replay", "ewc", "lwf"]
+IMAGE = ["finetune", "joint", "one", "replay", "ewc", "lwf", "dytox"]
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +35,8 @@ def test_bf16_run_completes_and_learns(tmp_path, baseline):
                           save_checkpoints=False)
         seq = toy_text_sequence()
     else:
-        cfg = tiny_config(tmp_path, baseline=baseline, mixed_precision="bf16", save_checkpoints=False)
+        cfg = tiny_config(tmp_path, baseline=baseline, mixed_precision="bf16", save_checkpoints=False,
+                          backbone="convit" if baseline == "dytox" else "vit")
         seq = synthetic_image_sequence()
     engine = Engine(cfg, sequence=seq)
     matrix = engine.run()

@@ -8,7 +8,7 @@ from mmcl.registry import Registry
 
 APPROACHES: Registry[type[Approach]] = Registry("approach", flag="baseline")
 
-_MODULES = ("finetune", "joint", "one", "replay", "ewc", "lwf", "hat", "ctr")
+_MODULES = ("finetune", "joint", "one", "replay", "ewc", "lwf", "hat", "ctr", "dytox")
 for _name in _MODULES:
     APPROACHES.add_loader(lambda n=_name: importlib.import_module(f"mmcl.approaches.{n}"))
 

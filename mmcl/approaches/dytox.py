@@ -1,0 +1,261 @@
+"""DyTox, dynamic token expansion (Douillard, Ramé, Couairon, Cord, CVPR 2022), on the `convit` backbone.
+
+Data flow for a batch of images while learning task t:
+
+  shared encoder: the ConViT's patch embedding and its self-attention blocks (gated positional
+    ones, then plain ones), over patch tokens only (no class token):     x (B, N, D)
+  task-attention block (TAB): for each task j <= t, its learned token theta_j is the only query
+    and attends to [theta_j; x]; LayerNorm-attention-residual, LayerNorm-MLP-residual:
+                                                                          e_j (B, D)
+  classifiers: task j's own LayerNorm + Linear on e_j gives its classes' logits; the logits of
+    tasks 0..t are concatenated (CIL: all classes seen; TIL: only the tested task's head).
+
+Loss (t > 0): (1 - lambda) BCE(sigmoid logits, one-hot) + lambda KD + 0.1 divergence, with
+  lambda = old classes / classes seen, KD = KL(softmax(old model's old logits) || softmax(new
+  model's old logits)) at temperature 1, and the divergence head (LayerNorm + Linear on e_t)
+  classifying the new task's classes plus one "old" class. Task 0: BCE alone.
+While task t trains, the tokens and heads of earlier tasks are frozen; the encoder and the TAB
+are shared and trained (the distillation holds them near the previous model).
+
+Rehearsal: a class-balanced memory of --memory_size examples in total (the global budget on any
+number of processes: it is chosen from the whole task with the same features everywhere), filled
+by herding on e_t of each new class; the new task trains on its data plus the memory.
+After each task t > 0, balanced fine-tuning: --dytox_finetune_epochs over the memory alone
+(class-balanced, the new classes included) at --dytox_finetune_lr_scale x the learning rate,
+training only the new task's token and head (the paper's 20 epochs at a tenth of the lr).
+
+Scaled for a CPU and 28-32 px images: the encoder is mmcl's `convit` (default width 192, 4
+blocks, 3 heads, patch 4; the paper's CIFAR model is width 384, 5 + 1 blocks, 12 heads).
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcl.approaches import APPROACHES
+from mmcl.approaches.base import Approach
+from mmcl.data.sequence import Task
+from mmcl.memory import Memory, herding_order
+
+
+class TaskAttentionBlock(nn.Module):
+    """A class-attention block whose only query is a task token."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"--vit_embed_dim {dim} must be divisible by --vit_heads {heads}")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, token: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """token (B, 1, D), patches (B, N, D) -> the task embedding (B, 1, D)."""
+        B, N, D = patches.shape
+        h = self.norm1(torch.cat([token, patches], dim=1))
+        q = self.q(h[:, :1]).view(B, 1, self.heads, D // self.heads).transpose(1, 2)
+        k, v = self.kv(h).view(B, N + 1, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)
+        token = token + self.proj(attended)
+        return token + self.mlp(self.norm2(token))
+
+
+def classifier(dim: int, n: int) -> nn.Module:
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, n))
+
+
+class DyToxModel(nn.Module):
+    def __init__(self, backbone, layout: list[int], heads: int) -> None:
+        super().__init__()
+        encoder = backbone.model
+        if not hasattr(encoder, "local_up_to_layer"):
+            raise ValueError(f"--baseline dytox needs --backbone convit, got a {type(encoder).__name__}")
+        self.backbone = backbone
+        dim = encoder.embed_dim
+        self.tab = TaskAttentionBlock(dim, heads)
+        # one token per task, each its own parameter: earlier ones are frozen while later tasks train
+        self.task_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, 1, dim)) for _ in layout)
+        nn.init.trunc_normal_(self.task_tokens[0], std=0.02)
+        self.heads = nn.ModuleList(classifier(dim, n) for n in layout)
+        self.divergence = nn.ModuleList(classifier(dim, n + 1) for n in layout)  # new classes + "old"
+        self.layout = list(layout)
+        self.offsets = np.cumsum([0] + self.layout).tolist()
+
+    def patch_tokens(self, batch: dict) -> torch.Tensor:
+        m = self.backbone.model
+        x = m.patch_embed(batch["pixel_values"])
+        if m.use_pos_embed:
+            x = x + m.pos_embed
+        x = m.pos_drop(x)
+        for block in m.blocks:
+            x = block(x)
+        return x
+
+    def embeddings(self, batch: dict, tasks: list[int]) -> torch.Tensor:
+        """Task embeddings (B, len(tasks), D) of the listed tasks' tokens."""
+        x = self.patch_tokens(batch)
+        return torch.cat([self.tab(self.task_tokens[j].expand(x.shape[0], -1, -1), x) for j in tasks], dim=1)
+
+    def logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """Concatenated logits of tasks 0..J-1 from their embeddings (B, J, D)."""
+        return torch.cat([self.heads[j](emb[:, j]) for j in range(emb.shape[1])], dim=-1)
+
+
+def distillation_weight(old_classes: int, seen_classes: int) -> float:
+    """lambda of the paper: the share of old classes among the classes seen."""
+    return old_classes / seen_classes
+
+
+@APPROACHES.register("dytox")
+class DyTox(Approach):
+    name = "dytox"
+    scenarios = ("cil", "til")
+    uses_memory = True
+    modalities = ("image",)
+
+    def __init__(self, backbone, seq, scenario, cfg) -> None:
+        super().__init__(backbone, seq, scenario, cfg)
+        self.memory = Memory(cfg.memory_size, "class_balanced", seed=cfg.seed)
+        self._old: list[DyToxModel] = []  # the model after the previous task (not a submodule)
+        self.tasks_seen = 0
+
+    def build_model(self, backbone) -> nn.Module:
+        return DyToxModel(backbone, [t.num_classes for t in self.seq], self.cfg.vit_heads)
+
+    # -- data -----------------------------------------------------------------------------------
+    def memory_rows(self):
+        from datasets import concatenate_datasets
+
+        by_task: dict[int, list[int]] = {}
+        for t, row, _ in self.memory.items:
+            by_task.setdefault(t, []).append(row)
+        parts = [self.seq[t].train.select(rows) for t, rows in sorted(by_task.items())]
+        return concatenate_datasets(parts) if parts else None
+
+    def train_dataset(self, task: Task):
+        from datasets import concatenate_datasets
+
+        memory = self.memory_rows()
+        return task.train if memory is None else concatenate_datasets([task.train, memory])
+
+    def global_targets(self, batch: dict) -> torch.Tensor:
+        if self.scenario.name == "cil":
+            return batch["labels"]
+        offsets = torch.tensor(self.model.offsets, device=batch["labels"].device)
+        return batch["labels"] + offsets[batch["task_ids"]]
+
+    # -- training -------------------------------------------------------------------------------
+    def before_task(self, task: Task) -> None:
+        super().before_task(task)
+        self.tasks_seen = max(self.tasks_seen, task.id + 1)
+        m = self.model
+        if task.id > 0:
+            with torch.no_grad():  # the new token starts from the previous one, as in the paper's code
+                m.task_tokens[task.id].copy_(m.task_tokens[task.id - 1])
+            old = copy.deepcopy(m).eval()
+            old.requires_grad_(False)
+            self._old = [old]
+        for j in range(len(self.seq)):
+            trainable = j == task.id
+            m.task_tokens[j].requires_grad_(trainable)
+            m.heads[j].requires_grad_(trainable)
+            m.divergence[j].requires_grad_(trainable and j > 0)
+
+    def training_step(self, batch: dict, task: Task) -> torch.Tensor:
+        m, t = self.model, task.id
+        emb = m.embeddings(batch, list(range(t + 1)))
+        logits = m.logits(emb).float()
+        targets = self.global_targets(batch)
+        seen = m.offsets[t + 1]
+        bce = F.binary_cross_entropy_with_logits(logits, F.one_hot(targets, seen).float())
+        if t == 0:
+            return bce
+        old_classes = m.offsets[t]
+        with torch.no_grad():
+            old = self._old[0]
+            old_logits = old.logits(old.embeddings(batch, list(range(t)))).float()
+        kd = F.kl_div(F.log_softmax(logits[:, :old_classes], -1), F.softmax(old_logits, -1), reduction="batchmean")
+        lam = distillation_weight(old_classes, seen)
+        new = targets >= old_classes
+        div_targets = torch.where(new, targets - old_classes, torch.full_like(targets, m.layout[t]))
+        div = F.cross_entropy(m.divergence[t](emb[:, t]).float(), div_targets)
+        return (1 - lam) * bce + lam * kd + self.cfg.dytox_div_weight * div
+
+    @torch.no_grad()
+    def task_embeddings(self, task: Task) -> torch.Tensor:
+        """e_t of every training example of `task` (the herding features)."""
+        self.model.eval()
+        out = []
+        for start in range(0, len(task.train), self.cfg.eval_batch_size):
+            rows = task.train.select(range(start, min(start + self.cfg.eval_batch_size, len(task.train))))
+            out.append(self.model.embeddings(self.batch_from_rows(list(rows)), [task.id])[:, 0])
+        self.model.train()
+        return torch.cat(out)
+
+    def after_task(self, task: Task, loader) -> None:
+        targets = np.asarray(task.train["target"])
+        if self.scenario.name == "til":
+            targets = targets + task.class_offset
+        features = self.task_embeddings(task).cpu()
+        quota = max(1, self.cfg.memory_size // self.model.offsets[task.id + 1])
+        order = []
+        for c in np.unique(targets):
+            rows = np.flatnonzero(targets == c)
+            order += rows[herding_order(features[rows], quota)].tolist()
+        self.memory.add_task(task.id, targets.tolist(), order=order)
+        if task.id > 0 and self.cfg.dytox_finetune_epochs > 0:
+            self.balanced_finetune(task)
+
+    def balanced_finetune(self, task: Task) -> None:
+        """The new token and head only, on the class-balanced memory."""
+        m = self.model
+        m.requires_grad_(False)
+        params = [m.task_tokens[task.id], *m.heads[task.id].parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=self.cfg.learning_rate * self.cfg.dytox_finetune_lr_scale)
+        data = self.memory_rows()
+        rng = np.random.default_rng(self.cfg.seed + 104729 * task.id)
+        bs = self.cfg.train_batch_size
+        seen = m.offsets[task.id + 1]
+        m.train()
+        for _ in range(self.cfg.dytox_finetune_epochs):
+            order = rng.permutation(len(data))
+            for start in range(0, len(order), bs):
+                batch = self.batch_from_rows(list(data.select(order[start:start + bs].tolist())))
+                logits = m.logits(m.embeddings(batch, list(range(task.id + 1)))).float()
+                loss = F.binary_cross_entropy_with_logits(logits, F.one_hot(self.global_targets(batch), seen).float())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        m.requires_grad_(True)  # before_task sets what the next task trains
+
+    # -- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, batch: dict, task_id: int | None) -> torch.Tensor:
+        m = self.model
+        if task_id is not None:  # TIL: the task's own token and head
+            return m.heads[task_id](m.embeddings(batch, [task_id])[:, 0])
+        seen = max(1, self.tasks_seen)
+        logits = m.logits(m.embeddings(batch, list(range(seen))))
+        total = m.offsets[-1]
+        if logits.shape[-1] < total:  # classes not seen yet cannot be predicted
+            logits = torch.cat([logits, logits.new_full((logits.shape[0], total - logits.shape[-1]), float("-inf"))], -1)
+        return logits
+
+    def extra_state(self) -> dict:
+        return {"memory": self.memory.state_dict(), "tasks_seen": self.tasks_seen}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "memory" in state:
+            self.memory.load_state_dict(state["memory"])
+        self.tasks_seen = int(state.get("tasks_seen", 0))
