@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir")
     push = sub.add_parser("push", help="export a finished run as a model folder and upload it to the Hugging Face Hub")
     push.add_argument("run_dir")
-    push.add_argument("--repo_id", required=True, help="OWNER/NAME on the Hub")
+    push.add_argument("--repo_id", default=None, help="OWNER/NAME on the Hub")
     push.add_argument("--private", action="store_true")
     push.add_argument("--export_only", action="store_true", help="write <run_dir>/hub and upload nothing")
     ev = sub.add_parser("eval", help="test an exported model (folder or Hub repo id) on a task sequence")
@@ -130,6 +130,8 @@ def cmd_push(values: dict) -> int:
 
     if values["export_only"]:
         print(f"wrote {export_run(values['run_dir'])}")
+    elif not values["repo_id"]:
+        raise ValueError("mmcl push needs --repo_id OWNER/NAME (or --export_only)")
     else:
         print(f"pushed to {push_to_hub(values['run_dir'], values['repo_id'], private=values['private'])}")
     return 0

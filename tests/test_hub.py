@@ -110,7 +110,8 @@ def test_mmcl_eval_reproduces_the_last_accuracy_row(tmp_path, capsys):
                       max_train_per_task=64)
     matrix = Engine(cfg).run()
     run_dir = tmp_path / "runs" / "digits"
-    assert main(["push", str(run_dir), "--repo_id", "x/y", "--export_only"]) == 0
+    assert main(["push", str(run_dir)]) == 2  # neither a repo id nor --export_only
+    assert main(["push", str(run_dir), "--export_only"]) == 0
     assert main(["eval", "--model", str(run_dir / "hub")]) == 0
     printed = capsys.readouterr().out.splitlines()
     row = [float(v) for v in next(line for line in printed if line.startswith("accuracy:")).split()[1:3]]
