@@ -106,7 +106,7 @@ class RunConfig:
         for name, choices in self.CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, got '{getattr(self, name)}'")
-        for name in ("head_lr", "ctr_ksm_lr_scale"):
+        for name in ("head_lr", "ctr_ksm_lr_scale", "dytox_finetune_lr_scale"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("num_train_epochs", "learning_rate", "train_batch_size", "eval_batch_size", "max_seq_length"):

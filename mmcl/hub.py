@@ -130,6 +130,14 @@ def layout_sequence(config: dict[str, Any]):
     return TaskSequence(config["task_sequence"], tasks)
 
 
+def load_into(approach, folder: Path, config: dict[str, Any]) -> None:
+    """The folder's weights (safetensors) and approach state into a freshly built approach."""
+    from mmcl.engine import load_approach_weights
+
+    load_approach_weights(approach, folder / "model.safetensors")
+    approach.load_extra_state(config.get("approach_state", {}))
+
+
 def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None, device: str = "cpu"):
     """The approach (an nn.Module in eval mode) of an exported run, from a folder or a Hub repo id.
 
@@ -138,7 +146,6 @@ def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None
     from mmcl.approaches import APPROACHES
     from mmcl.backbones import BackboneSpec, build_backbone
     from mmcl.data.sequence import get_scenario
-    from mmcl.engine import load_approach_weights
 
     folder = resolve_model_folder(name_or_path, revision)
     config, cfg = read_config(folder)
@@ -146,8 +153,7 @@ def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None
     shape = tuple(config["image_shape"]) if config.get("image_shape") else None
     backbone = build_backbone(cfg, BackboneSpec(modalities=tuple(seq.modalities), image_shape=shape))
     approach = APPROACHES.get(cfg.baseline)(backbone, seq, get_scenario(cfg.scenario), cfg).to(device)
-    load_approach_weights(approach, folder / "model.safetensors")
-    approach.load_extra_state(config.get("approach_state", {}))
+    load_into(approach, folder, config)
     approach.eval()
     approach.mmcl_config = config
     return approach
@@ -156,7 +162,7 @@ def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None
 def evaluate_pretrained(name_or_path: str | os.PathLike, task: str | None = None, data_dir: str | None = None,
                         revision: str | None = None) -> tuple[list[float], list[float]]:
     """(accuracy row, macro-F1 row) of an exported model on its task sequence's test sets."""
-    from mmcl.engine import Engine, load_approach_weights
+    from mmcl.engine import Engine
 
     folder = resolve_model_folder(name_or_path, revision)
     config, cfg = read_config(folder)
@@ -170,8 +176,6 @@ def evaluate_pretrained(name_or_path: str | os.PathLike, task: str | None = None
     if found != saved:
         raise ValueError(f"--task {cfg.task} gives tasks {[n for n, _ in found]} but the model was trained on "
                          f"{[n for n, _ in saved]} (names and classes must match, in order)")
-    approach = engine.accelerator.unwrap_model(engine.approach)
-    load_approach_weights(approach, folder / "model.safetensors")
-    approach.load_extra_state(config.get("approach_state", {}))
+    load_into(engine.accelerator.unwrap_model(engine.approach), folder, config)
     acc, f1, _ = engine.evaluate_all()
     return acc, f1

@@ -111,14 +111,11 @@ class Approach(nn.Module):
 
         The classifier heads get --head_lr when it is set: a head learns its task fast while the
         shared encoder moves slowly, the usual fine-tuning split of learning rates."""
-        params = [p for p in self.parameters_to_train() if p.requires_grad]
+        groups = [{"params": [p for p in self.parameters_to_train() if p.requires_grad]}]
         heads = getattr(self.model, "heads", None)
         if self.cfg.head_lr is None or not isinstance(heads, nn.Module):
-            return [{"params": params}]
-        in_heads = {id(p) for p in heads.parameters()}
-        groups = [{"params": [p for p in params if id(p) not in in_heads]},
-                  {"params": [p for p in params if id(p) in in_heads], "lr": self.cfg.head_lr}]
-        return [g for g in groups if g["params"]]
+            return groups
+        return with_own_lr(groups, heads.parameters(), self.cfg.head_lr)
 
     def forward(self, batch: dict) -> torch.Tensor:
         # The engine calls the (possibly DDP-wrapped) approach, so gradients synchronise.
@@ -154,6 +151,23 @@ class BufferDict(nn.Module):
 
     def items(self):
         return ((k, self[k]) for k in self._keys)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A snapshot of `model` for distillation: in eval mode, no parameter takes gradients."""
+    import copy
+
+    old = copy.deepcopy(model).eval()
+    old.requires_grad_(False)
+    return old
+
+
+def with_own_lr(groups: list[dict[str, Any]], params: Iterable[nn.Parameter], lr: float) -> list[dict[str, Any]]:
+    """Move `params` out of `groups` into one group of their own at learning rate `lr` (empty groups dropped)."""
+    moved = {id(p) for p in params}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in moved]} for g in groups]
+    own = [p for g in groups for p in g["params"] if id(p) in moved]
+    return [g for g in rest + [{"params": own, "lr": lr}] if g["params"]]
 
 
 def trainable_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

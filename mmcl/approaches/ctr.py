@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.approaches import APPROACHES
+from mmcl.approaches.base import with_own_lr
 from mmcl.approaches.hat import Hat, HatAdapter, HatContext
 from mmcl.backbones.text import AdapterSite
 
@@ -263,11 +264,8 @@ class CTR(Hat):
         groups = super().parameter_groups()
         if self.cfg.ctr_ksm_lr_scale == 1.0:
             return groups
-        ksm = {id(p) for m in self.modules() if isinstance(m, KnowledgeSharing) for p in m.parameters()}
-        rest = [{**g, "params": [p for p in g["params"] if id(p) not in ksm]} for g in groups]
-        shared = [p for g in groups for p in g["params"] if id(p) in ksm]
-        lr = self.cfg.learning_rate * self.cfg.ctr_ksm_lr_scale
-        return [g for g in rest if g["params"]] + [{"params": shared, "lr": lr}]
+        ksm = [p for m in self.modules() if isinstance(m, KnowledgeSharing) for p in m.parameters()]
+        return with_own_lr(groups, ksm, self.cfg.learning_rate * self.cfg.ctr_ksm_lr_scale)
 
     def set_context(self, task_id: int, s: float, batch: dict) -> None:
         super().set_context(task_id, s, batch)

@@ -29,15 +29,13 @@ blocks, 3 heads, patch 4; the paper's CIFAR model is width 384, 5 + 1 blocks, 12
 """
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmcl.approaches import APPROACHES
-from mmcl.approaches.base import Approach
+from mmcl.approaches.base import Approach, frozen_copy
 from mmcl.data.sequence import Task
 from mmcl.memory import Memory, herding_order
 
@@ -110,6 +108,11 @@ class DyToxModel(nn.Module):
         return torch.cat([self.heads[j](emb[:, j]) for j in range(emb.shape[1])], dim=-1)
 
 
+def one_hot_bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """DyTox's classification loss: sigmoid BCE against one-hot targets over the classes seen (logits' width)."""
+    return F.binary_cross_entropy_with_logits(logits, F.one_hot(targets, logits.shape[-1]).float())
+
+
 def distillation_weight(old_classes: int, seen_classes: int) -> float:
     """lambda of the paper: the share of old classes among the classes seen."""
     return old_classes / seen_classes
@@ -161,9 +164,7 @@ class DyTox(Approach):
         if task.id > 0:
             with torch.no_grad():  # the new token starts from the previous one, as in the paper's code
                 m.task_tokens[task.id].copy_(m.task_tokens[task.id - 1])
-            old = copy.deepcopy(m).eval()
-            old.requires_grad_(False)
-            self._old = [old]
+            self._old = [frozen_copy(m)]
         for j in range(len(self.seq)):
             trainable = j == task.id
             m.task_tokens[j].requires_grad_(trainable)
@@ -176,7 +177,7 @@ class DyTox(Approach):
         logits = m.logits(emb).float()
         targets = self.global_targets(batch)
         seen = m.offsets[t + 1]
-        bce = F.binary_cross_entropy_with_logits(logits, F.one_hot(targets, seen).float())
+        bce = one_hot_bce(logits, targets)
         if t == 0:
             return bce
         old_classes = m.offsets[t]
@@ -226,14 +227,13 @@ class DyTox(Approach):
         data = self.memory_rows()
         rng = np.random.default_rng(self.cfg.seed + 104729 * task.id)
         bs = self.cfg.train_batch_size
-        seen = m.offsets[task.id + 1]
         m.train()
         for _ in range(self.cfg.dytox_finetune_epochs):
             order = rng.permutation(len(data))
             for start in range(0, len(order), bs):
                 batch = self.batch_from_rows(list(data.select(order[start:start + bs].tolist())))
                 logits = m.logits(m.embeddings(batch, list(range(task.id + 1)))).float()
-                loss = F.binary_cross_entropy_with_logits(logits, F.one_hot(self.global_targets(batch), seen).float())
+                loss = one_hot_bce(logits, self.global_targets(batch))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

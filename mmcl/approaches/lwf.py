@@ -5,13 +5,11 @@ the outputs that existed before the task. KL at temperature T, scaled by T^2.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
 from mmcl.approaches import APPROACHES
-from mmcl.approaches.base import Approach
+from mmcl.approaches.base import Approach, frozen_copy
 from mmcl.data.sequence import Task
 
 
@@ -39,9 +37,7 @@ class LwF(Approach):
         self._old_active = self.scenario.active_classes(self.seq, task.id)
         super().before_task(task)
         if task.id > 0:
-            old = copy.deepcopy(self.model).eval()
-            old.requires_grad_(False)
-            self._old = [old]
+            self._old = [frozen_copy(self.model)]
 
     def distillation_loss(self, batch: dict, task: Task, features: torch.Tensor) -> torch.Tensor:
         old = self.old_model
