@@ -83,6 +83,20 @@ class RunConfig:
     dytox_div_weight: float = 0.1  # DyTox divergence head's loss weight
     dytox_finetune_epochs: int = 5  # DyTox balanced fine-tuning after each task > 0 (paper: 20)
     dytox_finetune_lr_scale: float = 0.1  # its lr as a share of learning_rate (paper: 5e-5 vs 5e-4)
+    # online task-free scenario (--scenario online) and its learners
+    online_batch_size: int = 10  # examples per stream batch; each example arrives once
+    online_iters: int = 1  # gradient steps per incoming batch, the same for every online learner
+    replay_batch_size: int = 10  # memory examples per step (online_replay, mir, levit)
+    mir_candidates: int = 50  # MIR: memory examples scored per step, the replay_batch_size most interfered kept
+    mir_virtual_lr: float = 0.1  # MIR: SGD step of the virtual update (the paper's lr)
+    levit_gamma: float = 0.6  # LEViT expansion threshold on the VAE loss (per task sequence in tasks/*.yaml)
+    levit_embed_dim: int = 100  # LEViT expert width (paper: 100)
+    levit_patch_size: int | None = None  # None: a quarter of the image side (paper: 7 on 28 px)
+    levit_heads: int = 4
+    levit_mlp_dim: int = 200  # the expert's FC layer (paper: 200)
+    levit_latent_dim: int = 50  # VAE latent size (paper: 50 for MNIST)
+    levit_vae_hidden: int = 400
+    levit_max_experts: int = 20  # growth stops here (a low gamma would otherwise add one per memory fill)
     # output
     output_dir: str = "runs"
     run_name: str | None = None
@@ -109,13 +123,19 @@ class RunConfig:
         for name in ("head_lr", "ctr_ksm_lr_scale", "dytox_finetune_lr_scale"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
-        for name in ("num_train_epochs", "learning_rate", "train_batch_size", "eval_batch_size", "max_seq_length"):
+        for name in ("num_train_epochs", "learning_rate", "train_batch_size", "eval_batch_size", "max_seq_length",
+                     "online_batch_size", "online_iters", "replay_batch_size", "mir_candidates", "levit_embed_dim",
+                     "mir_virtual_lr", "levit_heads", "levit_mlp_dim", "levit_latent_dim", "levit_vae_hidden", "levit_max_experts"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id OWNER/NAME")
         if self.push_to_hub and not self.save_checkpoints:
             raise ValueError("--push_to_hub uploads the last task's checkpoint: drop --no-save_checkpoints")
+        if self.levit_gamma < 0:
+            raise ValueError(f"--levit_gamma must be >= 0, got {self.levit_gamma}")
+        if self.levit_embed_dim % self.levit_heads:
+            raise ValueError(f"--levit_embed_dim {self.levit_embed_dim} must be divisible by --levit_heads {self.levit_heads}")
         if self.memory_size < 0:
             raise ValueError(f"--memory_size must be >= 0, got {self.memory_size}")
         return self

@@ -165,11 +165,14 @@ class Engine:
             for task in self.seq:
                 prepare_task(task, self.backbone, self.scenario)
         self.collate = Collator(self.backbone)
+        if not self.scenario.task_boundaries and self.accelerator.num_processes > 1:
+            raise ValueError(f"--scenario {self.scenario.name} is one stream seen in order: run it in one process "
+                             f"(python run.py), not {self.accelerator.num_processes}")
         self.approach: Approach = approach_cls(self.backbone, self.seq, self.scenario, cfg)
         self.approach.to(self.accelerator.device)
         self.approach.bind(self.accelerator, self.collate)
         self.matrix = AccuracyMatrix(len(self.seq), [t.name for t in self.seq])
-        if self.scenario.name == "cil":
+        if self.scenario.global_labels:
             self.matrix.til_acc = np.full((len(self.seq), len(self.seq)), np.nan)
         self.minutes: list[float] = []
 
@@ -209,33 +212,36 @@ class Engine:
     @torch.no_grad()
     def evaluate_task(self, task: Task, split: str = "test") -> tuple[float, float, float | None]:
         """(accuracy %, macro-F1 %, task-aware accuracy % for CIL or None) on one task's split."""
+        from mmcl.online import hide_task
+
         acc = self.accelerator
         approach = self.approach
         approach.eval()
         task_id = task.id if self.scenario.task_id_at_test else None
         preds, labels, til_preds, local = [], [], [], []
+        hide = (lambda b: b) if self.scenario.task_boundaries else hide_task  # a task-free learner never sees ids
         for batch in self.loader(getattr(task, split), self.cfg.eval_batch_size, shuffle=False):
             with acc.autocast():
-                logits = approach.predict(batch, task_id).float()
+                logits = approach.predict(hide(batch), task_id).float()
             p = logits.argmax(-1)
             lo = task.class_offset
-            tp = logits[:, lo : lo + task.num_classes].argmax(-1) if self.scenario.name == "cil" else p
+            tp = logits[:, lo : lo + task.num_classes].argmax(-1) if self.scenario.global_labels else p
             p, y, tp, yl = acc.gather_for_metrics((p, batch["labels"], tp, batch["local_labels"]))
             preds.append(p.cpu()); labels.append(y.cpu()); til_preds.append(tp.cpu()); local.append(yl.cpu())
         approach.train()
         y_true, y_pred = torch.cat(labels).numpy(), torch.cat(preds).numpy()
         self.eval_counts[(task.id, split)] = len(y_true)  # every example once, whatever the processes
-        own = task.global_classes if self.scenario.name == "cil" else range(task.num_classes)
+        own = task.global_classes if self.scenario.global_labels else range(task.num_classes)
         a, f1 = accuracy_and_macro_f1(y_true, y_pred, num_classes=int(max(y_true.max(), y_pred.max(), max(own)) + 1),
                                       labels=own)
         til = None
-        if self.scenario.name == "cil":
+        if self.scenario.global_labels:
             til = float((torch.cat(til_preds) == torch.cat(local)).float().mean() * 100)
         return a, f1, til
 
     def evaluate_all(self) -> tuple[list[float], list[float], list[float] | None]:
         rows = [self.evaluate_task(task) for task in self.seq]
-        til = [r[2] for r in rows] if self.scenario.name == "cil" else None
+        til = [r[2] for r in rows] if self.scenario.global_labels else None
         return [r[0] for r in rows], [r[1] for r in rows], til
 
     # -- training --------------------------------------------------------------------------
@@ -303,6 +309,28 @@ class Engine:
         del model, optimizer, scheduler
         acc.free_memory()
 
+    def train_stream(self, task: Task) -> None:
+        """One pass over `task`'s training examples in batches of --online_batch_size, each example once.
+
+        The learner gets neither `task` nor any hook at its end: only `observe(batch)` with the task id
+        columns removed (`hide_task`); it owns its optimiser, since no boundary tells it when to renew one."""
+        from accelerate.utils import set_seed
+
+        from mmcl.online import hide_task
+
+        cfg, approach = self.cfg, self.approach
+        set_seed(cfg.seed + task.id)
+        loader = self.loader(task.train, cfg.online_batch_size, shuffle=True, seed=cfg.seed + task.id)
+        approach.train()
+        losses = []
+        for batch in loader:
+            with self.accelerator.autocast():
+                loss = approach.observe(hide_task(batch))
+            if loss is not None:
+                losses.append(float(loss))
+        self.log({"event": "stream", "segment": task.id, "batches": len(loader),
+                  "loss": sum(losses) / max(1, len(losses)), **approach.stream_stats()})
+
     # -- output ----------------------------------------------------------------------------
     def log(self, record: dict) -> None:
         if self.is_main and self.log_path is not None:
@@ -359,8 +387,9 @@ class Engine:
         wrong = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if wrong:
             raise CheckpointError(f"checkpoint '{path}' does not belong to this run: {wrong} (found, expected)")
-        load_approach_weights(self.accelerator.unwrap_model(self.approach), path / "model.safetensors")
+        # extra state first: an approach that grows (LEViT's experts) rebuilds its modules before the weights load
         self.approach.load_extra_state(state["extra"])
+        load_approach_weights(self.accelerator.unwrap_model(self.approach), path / "model.safetensors")
         self.matrix = AccuracyMatrix.from_dict(state["matrix"])
         self.minutes = list(state.get("minutes", []))
         return state["task"] + 1
@@ -374,12 +403,15 @@ class Engine:
         self.setup()
         self.make_run_dir()
         start = self.restore() if self.cfg.resume else 0
-        if start == 0 and self.scenario.name != "cil":
+        if start == 0 and not self.scenario.global_labels:
             # b_u for FWT: the untrained model on each task (not defined for CIL: unseen classes cannot be predicted)
             self.matrix.baseline = np.array(self.evaluate_all()[0], dtype=float)
+        # a task-free scenario streams each task's examples to the learner with the task hidden; the rows of
+        # the accuracy matrix are still filled, and checkpoints written, at the (hidden) task boundaries
+        learn = self.train_task if self.scenario.task_boundaries else self.train_stream
         for task in self.seq.tasks[start:]:
             t0 = time.time()
-            self.train_task(task)
+            learn(task)
             self.minutes.append(round((time.time() - t0) / 60, 4))
             acc_row, f1_row, til_row = self.evaluate_all()
             self.matrix.set_row(task.id, acc_row, f1_row, til_row)

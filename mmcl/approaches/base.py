@@ -3,7 +3,9 @@
 The engine calls, per task t:
     before_task(task) -> [training_step(batch, task) per batch, between
     before_optimizer_step() / after_optimizer_step()] -> after_task(task, loader)
-and after every task predict(batch, task_id) on each task's test set. Anything the
+and after every task predict(batch, task_id) on each task's test set. In a task-free scenario
+(`--scenario online`) none of the task hooks run: the engine calls observe(batch) once per stream
+batch, with the task ids hidden, and the learner steps its own optimiser. Anything the
 engine does not know (Fisher matrices, masks, capsules, prompts, memories) stays in
 the approach's file.
 """
@@ -97,6 +99,14 @@ class Approach(nn.Module):
 
     def after_task(self, task: Task, loader) -> None:
         """Fisher information, memory updates, snapshots."""
+
+    def observe(self, batch: dict) -> float | None:
+        """Task-free scenarios: learn from one stream batch (no task id, no boundary); return its loss."""
+        raise TypeError(f"--baseline {self.name} does not learn from a task-free stream")
+
+    def stream_stats(self) -> dict[str, Any]:
+        """Numbers for the log after each hidden segment of a stream (experts, memory fill)."""
+        return {}
 
     @torch.no_grad()
     def predict(self, batch: dict, task_id: int | None) -> torch.Tensor:

@@ -90,12 +90,16 @@ class TaskSequence:
 class Scenario(abc.ABC):
     """What a learner is told and which label space targets live in.
 
-    name: registry name; task_id_at_test: whether `predict` receives the task id.
+    name: registry name; task_id_at_test: whether `predict` receives the task id;
+    global_labels: targets are global class ids (the task-aware accuracy is reported beside);
+    task_boundaries: False for a task-free stream, which the engine runs as one pass of small
+    batches with the task ids hidden (`mmcl/online.py`).
     """
 
     name: str = ""
     task_id_at_test: bool = True
     task_boundaries: bool = True
+    global_labels: bool = False
 
     @abc.abstractmethod
     def head_layout(self, seq: TaskSequence) -> list[int]:
@@ -149,6 +153,7 @@ class ClassIncremental(Scenario):
 
     name = "cil"
     task_id_at_test = False
+    global_labels = True
 
     def head_layout(self, seq: TaskSequence) -> list[int]:
         return [seq.total_classes]
@@ -158,6 +163,22 @@ class ClassIncremental(Scenario):
 
     def active_classes(self, seq: TaskSequence, seen_tasks: int) -> int:
         return sum(t.num_classes for t in seq.tasks[:seen_tasks])
+
+
+@SCENARIOS.register("online", aliases=("task_free", "online_task_free"))
+class OnlineTaskFree(ClassIncremental):
+    """Task-free online learning: one stream of small batches over the whole sequence, each example
+    once, global labels, no task ids and no boundaries for the learner. The evaluator alone knows where
+    the distribution changes and fills the accuracy matrix there (after each task's last batch).
+
+    The head covers every class of the sequence from the start: a learner that is not told when
+    classes arrive cannot grow its head at a boundary (unseen classes are pushed down by the loss)."""
+
+    name = "online"
+    task_boundaries = False
+
+    def active_classes(self, seq: TaskSequence, seen_tasks: int) -> int:
+        return seq.total_classes
 
 
 def get_scenario(name: str) -> Scenario:
