@@ -329,7 +329,8 @@ class Engine:
             if loss is not None:
                 losses.append(float(loss))
         self.log({"event": "stream", "segment": task.id, "batches": len(loader),
-                  "loss": sum(losses) / max(1, len(losses)), **approach.stream_stats()})
+                  "loss": sum(losses) / len(losses) if losses else None,  # None: nothing trained (LEViT all frozen)
+                  **approach.stream_stats()})
 
     # -- output ----------------------------------------------------------------------------
     def log(self, record: dict) -> None:

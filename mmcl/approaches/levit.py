@@ -28,7 +28,8 @@ Dynamic knowledge fusion: component j's classifier reads sum_k w_k f_k over the 
 frozen experts k < j and its own f_j, w = softmax of j's learned gate logits (j + 1 of them, zero at
 creation: an even mix); the frozen experts' features get no gradient.
 Inference: each input goes to the component whose VAE loss on it is smallest (the paper's
-selection); that component's (fused) logits are the prediction.
+selection) among those that have trained (one created at the stream's last check has a random VAE);
+that component's (fused) logits are the prediction.
 """
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ class Component(nn.Module):
         self.vae = VAE(shape[0] * shape[1] * shape[2], cfg.levit_vae_hidden, cfg.levit_latent_dim)
         self.gate = nn.Parameter(torch.zeros(num_prior + 1))
         self.classifier = nn.Linear(cfg.levit_embed_dim, num_classes)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # optimiser steps taken (saved)
 
     def gate_weights(self) -> torch.Tensor:
         return self.gate.softmax(0)
@@ -141,7 +143,12 @@ class LEViTModel(nn.Module):
         x = batch["pixel_values"]
         feats = self.expert_features(x)
         logits = torch.stack([comp.logits(feats[: j + 1]) for j, comp in enumerate(self.components)], dim=1)
-        route = self.vae_scores(x).argmin(1)
+        scores = self.vae_scores(x)
+        # a component created at the last check and not trained yet has a random VAE: it must not take inputs
+        untrained = torch.tensor([int(c.steps) == 0 for c in self.components], device=x.device)
+        if not untrained.all():
+            scores[:, untrained] = float("inf")
+        route = scores.argmin(1)
         return logits[torch.arange(len(x), device=x.device), route]
 
 
@@ -193,6 +200,7 @@ class LEViT(OnlineApproach):
                 if self.cfg.clipgrad:
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.clipgrad)
                 optimizer.step()
+                self.components[-1].steps += 1
         self.memory.add(x, y)
         if self.memory.full and int(self.memory.seen) - self.last_check >= self.memory.size:
             self.check_expansion()
@@ -227,8 +235,10 @@ class LEViT(OnlineApproach):
         self.checks.append({"position": self.last_check, "score": round(score, 5), "expanded": expand})
 
     def stream_stats(self) -> dict[str, Any]:
+        """For the log after each hidden segment: the size of the mixture and the checks made since the last call."""
+        new, self._reported = self.checks[getattr(self, "_reported", 0):], len(self.checks)
         return {"experts": len(self.components), "current": self.current, "memory": len(self.memory),
-                "seen": int(self.memory.seen)}
+                "seen": int(self.memory.seen), "checks": new}
 
     # -- checkpoints: the number of components is rebuilt before the weights load ------------------
     def extra_state(self) -> dict[str, Any]:

@@ -1,0 +1,157 @@
+"""LEViT on a task-free stream for several gamma values, beside the online baselines at the same memory.
+
+    python scripts/bench_levit.py --task split_fmnist --gammas 0.3,0.4,0.5,0.8 --memory_size 500 \
+        [--baselines online_finetune,online_replay,mir] [--set online_iters=3 --set learning_rate=1e-3 ...]
+
+Each run is a full `--scenario online` run (one pass, batches of --online_batch_size, task ids hidden,
+the accuracy matrix filled at the hidden boundaries). Per run: final ACC (and AIA), experts created and
+the stream positions where they were, the hidden shifts, parameters (all components), and throughput
+= stream examples / seconds spent learning (evaluation excluded). Baselines use the `vit` backbone at
+the expert's size (width --levit_embed_dim, depth 1, --levit_heads heads, the same patch). Writes
+bench_results/bench_levit_<task>.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_value(text: str):
+    import yaml
+
+    for kind in (int, float):  # YAML reads 1e-3 as a string
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def run_one(values: dict) -> dict:
+    from mmcl.config import build_config
+    from mmcl.engine import Engine
+
+    cfg = build_config(values)
+    engine = Engine(cfg)
+    start = time.perf_counter()
+    matrix = engine.run()
+    wall = time.perf_counter() - start
+    approach = engine.approach
+    examples = sum(len(t.train) for t in engine.seq)
+    boundaries = [sum(len(t.train) for t in engine.seq.tasks[: i + 1]) for i in range(len(engine.seq))]
+    learn_s = sum(engine.minutes) * 60
+    s = matrix.summary()
+    row = {"baseline": cfg.baseline, "gamma": cfg.levit_gamma if cfg.baseline == "levit" else None,
+           "acc": s["acc_final"], "aia": s["aia"], "forgetting": s["forgetting"],
+           "parameters": sum(p.numel() for p in approach.parameters()),  # the memory is buffers, not counted
+           "examples": examples, "shifts": len(engine.seq) - 1, "hidden_boundaries": boundaries[:-1],
+           "learn_s": round(learn_s, 2), "wall_s": round(wall, 2),
+           "examples_per_s": round(examples / learn_s, 1) if learn_s else None,
+           "acc_row": list(map(float, matrix.acc[-1])), "run_dir": str(engine.run_dir)}
+    if cfg.baseline == "levit":
+        row["experts"] = len(approach.components)
+        row["created_at"] = approach.created_at
+        row["checks"] = approach.checks
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--task", default="split_fmnist")
+    ap.add_argument("--gammas", default="0.3,0.4,0.5,0.8")
+    ap.add_argument("--memory_size", type=int, default=500)
+    ap.add_argument("--baselines", default="online_finetune,online_replay,mir")
+    ap.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
+                    help="any run flag for every run, e.g. --set online_iters=3")
+    ap.add_argument("--out", default="bench_results")
+    args = ap.parse_args()
+    import torch
+
+    from mmcl.config import build_config
+
+    common = {"task": args.task, "scenario": "online", "memory_size": args.memory_size, "progress": False,
+              "save_checkpoints": False, "overwrite": True, "output_dir": str(Path(args.out) / "levit_runs")}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        common[key] = parse_value(value)
+    probe = build_config({**common, "baseline": "levit"})
+    # the baselines' network: one ViT block at the expert's width and patch (LEViT's default: a quarter of the side)
+    vit = {"backbone": "vit", "vit_depth": 1, "vit_embed_dim": probe.levit_embed_dim, "vit_heads": probe.levit_heads,
+           "patch_size": probe.levit_patch_size or max(1, side_of(args.task, common) // 4)}
+    rows = []
+    for name in [b for b in args.baselines.split(",") if b]:
+        values = {**common, **vit, "baseline": name, "run_name": f"{args.task}-{name}"}
+        rows.append(run_one(values))
+        print(json.dumps({k: rows[-1][k] for k in ("baseline", "acc", "examples_per_s")}), flush=True)
+    for gamma in [float(g) for g in args.gammas.split(",") if g]:
+        values = {**common, "backbone": "vit", "baseline": "levit", "levit_gamma": gamma,
+                  "run_name": f"{args.task}-levit-g{gamma}"}
+        rows.append(run_one(values))
+        print(json.dumps({k: rows[-1][k] for k in ("baseline", "gamma", "acc", "experts", "examples_per_s")}),
+              flush=True)
+    settings = {k: v for k, v in common.items() if k not in ("output_dir", "overwrite", "progress", "save_checkpoints")}
+    lines = [f"{args.task} as one online stream ({rows[0]['examples']} examples, {rows[0]['shifts']} hidden shifts), "
+             f"settings {settings}, {torch.get_num_threads()} thread(s)", "",
+             "| approach | γ | experts | created at (stream position) | parameters | examples/s | ACC | AIA |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['baseline']} | {'' if r['gamma'] is None else r['gamma']} | {r.get('experts', '')} | "
+                     f"{', '.join(map(str, r.get('created_at', [])))} | {r['parameters']:,} | {r['examples_per_s']} | "
+                     f"{r['acc']:.2f} | {r['aia']:.2f} |")
+    lines += ["", f"hidden boundaries at stream positions {rows[0]['hidden_boundaries']}"]
+    table = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(exist_ok=True)
+    stem = out / f"bench_levit_{args.task}"
+    stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "settings": settings, "rows": rows}, indent=2))
+    stem.with_suffix(".md").write_text(table)
+    plot(rows, args.task, stem.with_suffix(".png"))
+    print(table)
+
+
+def side_of(task: str, common: dict) -> int:
+    import numpy as np
+
+    from mmcl.config import build_config
+    from mmcl.data import load_task_sequence
+    from mmcl.engine import reader_context
+
+    cfg = build_config({**common, "baseline": "levit", "ntasks": 1})
+    seq = load_task_sequence(task, reader_context(cfg))
+    return int(np.asarray(seq[0].train[0]["image"]).shape[0])
+
+
+def plot(rows: list[dict], task: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lv = sorted((r for r in rows if r["baseline"] == "levit"), key=lambda r: r["gamma"])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    if lv:
+        g = [r["gamma"] for r in lv]
+        a1.plot(g, [r["acc"] for r in lv], "o-", label="levit")
+        a2.plot(g, [r["experts"] for r in lv], "o-", label="experts created")
+        a2.axhline(lv[0]["shifts"] + 1, ls="--", c="gray", label="hidden shifts + 1")
+    for r in rows:
+        if r["baseline"] != "levit":
+            a1.axhline(r["acc"], ls=":", label=r["baseline"], c=f"C{1 + rows.index(r)}")
+    a1.set(xlabel="γ (--levit_gamma)", ylabel="final ACC %", title=f"{task}, online")
+    a2.set(xlabel="γ (--levit_gamma)", ylabel="experts", title="mixture size")
+    a1.legend(fontsize=8)
+    a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
