@@ -134,8 +134,9 @@ def load_into(approach, folder: Path, config: dict[str, Any]) -> None:
     """The folder's weights (safetensors) and approach state into a freshly built approach."""
     from mmcl.engine import load_approach_weights
 
-    load_approach_weights(approach, folder / "model.safetensors")
+    # state first: a grown approach (LEViT's experts) rebuilds its modules before the weights load
     approach.load_extra_state(config.get("approach_state", {}))
+    load_approach_weights(approach, folder / "model.safetensors")
 
 
 def from_pretrained(name_or_path: str | os.PathLike, revision: str | None = None, device: str = "cpu"):

@@ -271,3 +271,16 @@ def test_online_flags_are_validated(tmp_path):
         online_engine(tmp_path, levit_gamma=-1.0).setup()
     with pytest.raises(ValueError, match="--baseline levit needs --memory_size > 0"):
         online_engine(tmp_path, memory_size=0).setup()
+
+
+def test_levit_export_and_from_pretrained_give_the_same_predictions(tmp_path):
+    from mmcl.hub import export_run, from_pretrained
+
+    engine = online_engine(tmp_path, num_tasks=2, n_train=40, levit_gamma=0.0, run_name="x")
+    engine.run()
+    assert len(engine.approach.components) > 1
+    model = from_pretrained(export_run(engine.run_dir))
+    assert len(model.components) == len(engine.approach.components)
+    batch = hide_task(next(iter(engine.loader(engine.seq[1].test, 32, shuffle=False))))
+    engine.approach.eval()
+    assert torch.equal(model.predict(batch, None), engine.approach.predict(batch, None))
