@@ -324,8 +324,9 @@ class Engine:
         approach.train()
         losses = []
         for batch in loader:
-            with self.accelerator.autocast():
-                loss = approach.observe(hide_task(batch))
+            # no autocast here: the learner takes several optimiser steps per batch, and autocast caches
+            # the low-precision weights for the whole region, so it wraps each step itself (`step_context`)
+            loss = approach.observe(hide_task(batch))
             if loss is not None:
                 losses.append(float(loss))
         self.log({"event": "stream", "segment": task.id, "batches": len(loader),

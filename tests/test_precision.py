@@ -10,6 +10,7 @@ from test_hat_ctr import toy_text_sequence
 
 TEXT_ONLY = {"hat", "ctr"}
 IMAGE = ["finetune", "joint", "one", "replay", "ewc", "lwf", "dytox"]
+ONLINE = ["online_finetune", "online_replay", "mir", "levit"]  # --scenario online
 
 
 @pytest.fixture(autouse=True)
@@ -23,8 +24,23 @@ def fresh_accelerator_state():
 
 
 def test_every_registered_approach_is_covered():
-    assert set(APPROACHES.names()) <= set(IMAGE) | TEXT_ONLY, "add new approaches to this file's bf16 runs"
+    assert set(APPROACHES.names()) <= set(IMAGE) | TEXT_ONLY | set(ONLINE), "add new approaches to this file's bf16 runs"
 
+
+@pytest.mark.parametrize("baseline", ONLINE)
+def test_bf16_online_stream_completes_and_learns(tmp_path, baseline):
+    extra = dict(memory_size=60, levit_gamma=0.0, online_iters=8, learning_rate=1e-2, levit_embed_dim=16,
+                 levit_heads=2, levit_mlp_dim=16, levit_latent_dim=4, levit_vae_hidden=16) if baseline == "levit" else {}
+    cfg = tiny_config(tmp_path, baseline=baseline, scenario="online", mixed_precision="bf16", save_checkpoints=False,
+                      **{"online_iters": 2, **extra})
+    seq = synthetic_image_sequence(n_train=60)
+    engine = Engine(cfg, sequence=seq)
+    matrix = engine.run()
+    assert np.isfinite(matrix.acc).all()
+    assert matrix.acc[0][0] >= 60, matrix.acc
+    batch = next(iter(engine.loader(seq[0].test, 8, shuffle=False)))
+    with engine.accelerator.autocast():
+        assert engine.approach.predict(batch, None).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("baseline", IMAGE + sorted(TEXT_ONLY))

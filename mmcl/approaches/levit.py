@@ -194,7 +194,8 @@ class LEViT(OnlineApproach):
             for _ in range(self.cfg.online_iters):
                 mem = self.memory.sample(self.cfg.replay_batch_size)
                 bx, by = (torch.cat([x, mem[0]]), torch.cat([y, mem[1]])) if mem is not None else (x, y)
-                loss = self.component_loss(bx, by)
+                with self.step_context():
+                    loss = self.component_loss(bx, by)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.cfg.clipgrad:
@@ -203,7 +204,8 @@ class LEViT(OnlineApproach):
                 self.components[-1].steps += 1
         self.memory.add(x, y)
         if self.memory.full and int(self.memory.seen) - self.last_check >= self.memory.size:
-            self.check_expansion()
+            with self.step_context():
+                self.check_expansion()
         return None if loss is None else float(loss.detach())
 
     def freeze_current(self) -> None:

@@ -128,6 +128,13 @@ class OnlineApproach(Approach):
     def reset_optimizer(self) -> None:
         self._optimizer = None
 
+    def step_context(self):
+        """Mixed precision for one forward pass (a fresh autocast region per step: its weight cache
+        would otherwise hold the weights from before the optimiser step)."""
+        import contextlib
+
+        return self._accelerator.autocast() if self._accelerator is not None else contextlib.nullcontext()
+
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model({"pixel_values": pixel_values})
 
@@ -145,7 +152,8 @@ class OnlineApproach(Approach):
         params = [p for g in self.optimizer().param_groups for p in g["params"]]
         for _ in range(self.cfg.online_iters):
             optimizer = self.optimizer()
-            loss = self.step_loss(x, y)
+            with self.step_context():
+                loss = self.step_loss(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.clipgrad:
