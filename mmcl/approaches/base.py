@@ -43,8 +43,12 @@ class Approach(nn.Module):
     def __init__(self, backbone: Backbone, seq: TaskSequence, scenario: Scenario, cfg) -> None:
         super().__init__()
         if scenario.name not in self.scenarios:
+            from mmcl.approaches import APPROACHES
+
+            fit = [n for n in APPROACHES.names() if scenario.name in APPROACHES.get(n).scenarios]
             raise ValueError(
                 f"--baseline {self.name} supports scenarios {', '.join(self.scenarios)}, not '{scenario.name}'"
+                + (f" (approaches for '{scenario.name}': {', '.join(fit)})" if fit else "")
             )
         if self.needs_task_id and not scenario.task_id_at_test:
             raise ValueError(f"--baseline {self.name} needs the task id at test time; scenario '{scenario.name}' gives none")
