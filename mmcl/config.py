@@ -83,6 +83,7 @@ class RunConfig:
     dytox_div_weight: float = 0.1  # DyTox divergence head's loss weight
     dytox_finetune_epochs: int = 5  # DyTox balanced fine-tuning after each task > 0 (paper: 20)
     dytox_finetune_lr_scale: float = 0.1  # its lr as a share of learning_rate (paper: 5e-5 vs 5e-4)
+    dytox_finetune_tab: bool = False  # the balanced fine-tuning also trains the task-attention block
     # online task-free scenario (--scenario online) and its learners
     online_batch_size: int = 10  # examples per stream batch; each example arrives once
     online_iters: int = 1  # gradient steps per incoming batch, the same for every online learner

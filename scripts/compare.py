@@ -5,6 +5,10 @@
 
 Flags after `--` go to every run (same names as `mmcl run`). Writes
 <out>/<name>.json and <name>.md with ACC, macro-F1, BWT, forgetting, AIA and minutes.
+
+Runs made separately (e.g. two at a time) are tabulated from their run directories:
+
+    python scripts/compare.py --runs runs/a runs/b --name split_fmnist-cil
 """
 from __future__ import annotations
 
@@ -49,6 +53,18 @@ def run_comparison(task: str, backbone: str, scenario: str, baselines: list[str]
     return rows
 
 
+def rows_from_runs(run_dirs: list[str]) -> list[dict]:
+    """One summary row per finished run directory (its metrics.json), named by its approach."""
+    rows = []
+    for d in run_dirs:
+        path = Path(d) / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"--runs {d}: no metrics.json (is the run finished?)")
+        metrics = json.loads(path.read_text())
+        rows.append(dict(metrics["summary"], baseline=metrics["meta"]["approach"], minutes=metrics["meta"]["minutes"]))
+    return rows
+
+
 def markdown_table(name: str, flags: list[str], rows: list[dict], paper: dict[str, str] | None = None) -> str:
     til = any(r.get("til_acc_final") is not None for r in rows)
     header = ("| approach | ACC (Last) | Avg (AIA) | macro-F1 | BWT | forgetting |" + (" task-aware ACC |" if til else "")
@@ -66,18 +82,28 @@ def markdown_table(name: str, flags: list[str], rows: list[dict], paper: dict[st
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--task", required=True)
-    ap.add_argument("--backbone", required=True)
-    ap.add_argument("--scenario", required=True)
-    ap.add_argument("--baselines", nargs="+", required=True)
+    ap.add_argument("--task")
+    ap.add_argument("--backbone")
+    ap.add_argument("--scenario")
+    ap.add_argument("--baselines", nargs="+")
+    ap.add_argument("--runs", nargs="+", help="tabulate these finished run directories instead of running")
     ap.add_argument("--name", default=None)
     ap.add_argument("--out", default="bench_results")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    name = args.name or f"{Path(args.task).stem}-{args.backbone}-{args.scenario}"
     out = Path(args.out)
-    rows = run_comparison(args.task, args.backbone, args.scenario, args.baselines, extra, name, out)
+    if args.runs:
+        name = args.name or "comparison"
+        rows = rows_from_runs(args.runs)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.json").write_text(json.dumps({"runs": args.runs, "rows": rows}, indent=2, default=str))
+    else:
+        missing = [f"--{k}" for k in ("task", "backbone", "scenario", "baselines") if not getattr(args, k)]
+        if missing:
+            ap.error(f"{', '.join(missing)} required (or --runs DIR...)")
+        name = args.name or f"{Path(args.task).stem}-{args.backbone}-{args.scenario}"
+        rows = run_comparison(args.task, args.backbone, args.scenario, args.baselines, extra, name, out)
     table = markdown_table(name, extra, rows)
     (out / f"{name}.md").write_text(table)
     print(table)

@@ -22,8 +22,9 @@ def snapshot(module):
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def test_tokens_and_heads_per_task_and_earlier_ones_stay_fixed(tmp_path):
-    engine = dytox_engine(tmp_path)
+@pytest.mark.parametrize("finetune_tab", [False, True])
+def test_tokens_and_heads_per_task_and_earlier_ones_stay_fixed(tmp_path, finetune_tab):
+    engine = dytox_engine(tmp_path, dytox_finetune_tab=finetune_tab)
     approach, m = engine.approach, engine.approach.model
     assert len(m.task_tokens) == len(m.heads) == 3
     engine.train_task(engine.seq[0])
@@ -46,7 +47,9 @@ def test_tokens_and_heads_per_task_and_earlier_ones_stay_fixed(tmp_path):
         assert names and all(torch.equal(before[n], after[n]) for n in names), prefix
     assert not torch.equal(before["task_tokens.1"], after["task_tokens.1"])  # the new token did learn
     changed = {n for n, c in finetuned.items() if c}
-    assert changed and all(n == "task_tokens.1" or n.startswith("heads.1.") for n in changed), changed
+    allowed = ("task_tokens.1", "heads.1.") + (("tab.",) if finetune_tab else ())
+    assert changed and all(n.startswith(allowed) for n in changed), changed
+    assert any(n.startswith("tab.") for n in changed) == finetune_tab
 
 
 def test_herding_picks_the_example_closest_to_the_running_mean():

@@ -307,3 +307,28 @@ def test_macro_f1_over_given_labels_counts_foreign_predictions_as_misses():
     assert f1 == pytest.approx(100 * f1_score(y_true, y_pred, labels=[4, 5], average="macro"))
     _, f1_union = accuracy_and_macro_f1(y_true, y_pred, num_classes=10)
     assert f1_union < f1  # the union counts classes 0 and 9 with F1 = 0
+
+
+def test_compare_tabulates_finished_run_directories(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from conftest import synthetic_image_sequence, tiny_config
+    from mmcl.engine import Engine
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from compare import markdown_table, rows_from_runs
+
+    dirs = []
+    for baseline in ("finetune", "replay"):
+        engine = Engine(tiny_config(tmp_path, baseline=baseline, scenario="cil", num_train_epochs=1, run_name=baseline,
+                                    save_checkpoints=False), sequence=synthetic_image_sequence(num_tasks=2))
+        matrix = engine.run()
+        dirs.append(str(engine.run_dir))
+    rows = rows_from_runs(dirs)
+    assert [r["baseline"] for r in rows] == ["finetune", "replay"]
+    assert rows[1]["acc_final"] == pytest.approx(matrix.summary()["acc_final"])
+    table = markdown_table("t", [], rows)
+    assert table.count("\n| ") == 3 and "| replay |" in table
+    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+        rows_from_runs([str(tmp_path / "nowhere")])

@@ -217,10 +217,15 @@ class DyTox(Approach):
             self.balanced_finetune(task)
 
     def balanced_finetune(self, task: Task) -> None:
-        """The new token and head only, on the class-balanced memory."""
+        """The new token and head (and the TAB with --dytox_finetune_tab), on the class-balanced memory.
+
+        Earlier tokens and heads never change here; the encoder's self-attention blocks neither
+        (the paper freezes them too)."""
         m = self.model
         m.requires_grad_(False)
         params = [m.task_tokens[task.id], *m.heads[task.id].parameters()]
+        if self.cfg.dytox_finetune_tab:
+            params += list(m.tab.parameters())
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=self.cfg.learning_rate * self.cfg.dytox_finetune_lr_scale)
