@@ -103,6 +103,7 @@ SLOW = pytest.mark.slow
     ("ewc", "cil"), pytest.param("finetune", "til", marks=SLOW), pytest.param("ewc", "til", marks=SLOW),
     pytest.param("lwf", "til", marks=SLOW), pytest.param("joint", "til", marks=SLOW),
     pytest.param("replay", "cil", marks=SLOW), pytest.param("lwf", "cil", marks=SLOW),
+    pytest.param("finetune", "dil", marks=SLOW), pytest.param("replay", "dil", marks=SLOW),
 ])
 def test_approaches_run_a_mixed_sequence(tmp_path, baseline, scenario):
     seq = mixed_sequence(n_train=16, n_test=8)
