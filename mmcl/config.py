@@ -61,6 +61,11 @@ class RunConfig:
     patch_size: int | None = None
     vit_pool: str = "token"  # token ([CLS]) | avg (mean of patch tokens)
     vit_dropout: float = 0.0  # dropout after attention and MLP projections (less forgetting: Mirzadeh et al. 2020)
+    # `dual` (text + image sequences): one tower per modality, projected into one shared feature space
+    text_backbone: str = "bert_adapter"  # its text tower: any text backbone (bert, bert_frozen, bert_adapter, bert_lora)
+    vision_backbone: str = "vit"  # its vision tower: vit or convit
+    dual_dim: int = 256  # the shared feature width both towers are projected to
+    dual_shared_layers: int = 1  # residual MLP blocks on top, shared by both modalities (0: the projections only)
     # approaches
     lamb: float = 5000.0  # EWC lambda (PyContinual --lamb)
     ewc_gamma: float | None = None  # None: PyContinual's running mean (F_new + t F_old)/(t+1); else online EWC decay
@@ -126,7 +131,8 @@ class RunConfig:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("num_train_epochs", "learning_rate", "train_batch_size", "eval_batch_size", "max_seq_length",
                      "online_batch_size", "online_iters", "replay_batch_size", "mir_candidates", "levit_embed_dim",
-                     "mir_virtual_lr", "levit_heads", "levit_mlp_dim", "levit_latent_dim", "levit_vae_hidden", "levit_max_experts"):
+                     "mir_virtual_lr", "levit_heads", "levit_mlp_dim", "levit_latent_dim", "levit_vae_hidden", "levit_max_experts",
+                     "dual_dim"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         if self.push_to_hub and not self.hub_model_id:
@@ -137,6 +143,8 @@ class RunConfig:
             raise ValueError(f"--levit_gamma must be >= 0, got {self.levit_gamma}")
         if self.levit_embed_dim % self.levit_heads:
             raise ValueError(f"--levit_embed_dim {self.levit_embed_dim} must be divisible by --levit_heads {self.levit_heads}")
+        if self.dual_shared_layers < 0:
+            raise ValueError(f"--dual_shared_layers must be >= 0, got {self.dual_shared_layers}")
         if self.memory_size < 0:
             raise ValueError(f"--memory_size must be >= 0, got {self.memory_size}")
         return self

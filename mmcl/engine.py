@@ -22,6 +22,7 @@ from mmcl.approaches import APPROACHES, Approach
 from mmcl.backbones import BackboneSpec, build_backbone
 from mmcl.config import RunConfig
 from mmcl.data import ReaderContext, load_task_sequence
+from mmcl.data.mixed import ModalityGroups
 from mmcl.data.sequence import Task, TaskSequence, check_labels, get_scenario
 from mmcl.engine_errors import CheckpointError
 from mmcl.metrics import AccuracyMatrix, accuracy_and_macro_f1
@@ -63,11 +64,15 @@ def reader_context(cfg: RunConfig) -> ReaderContext:
 
 
 def backbone_spec(seq: TaskSequence) -> BackboneSpec:
-    image_shape = None
+    shapes: dict[str, tuple[int, ...]] = {}
     for task in seq:
         if task.modality == "image" and len(task.train):
-            image_shape = tuple(np.asarray(task.train[0]["image"]).shape)
-            break
+            shapes[task.name] = tuple(np.asarray(task.train[0]["image"]).shape)
+    if len(set(shapes.values())) > 1:
+        # one vision backbone has one patch grid and channel count
+        raise ValueError(f"task sequence '{seq.name}': image tasks have different image shapes {shapes}; "
+                         "one vision backbone (or tower) takes one shape")
+    image_shape = next(iter(shapes.values()), None)
     return BackboneSpec(modalities=tuple(seq.modalities), image_shape=image_shape)
 
 
@@ -75,7 +80,7 @@ def prepare_task(task: Task, backbone, scenario) -> None:
     """Model-ready splits with scenario targets and task ids, replacing the raw ones."""
     check_labels(task)
     for split in ("train", "valid", "test"):
-        ds = backbone.preprocess(getattr(task, split))
+        ds = backbone.preprocess_task(getattr(task, split), task.modality)
         labels = ds["label"]
         ds = ds.add_column("target", [scenario.target(task, int(y)) for y in labels])
         ds = ds.add_column("task_id", [task.id] * len(labels))
@@ -153,14 +158,19 @@ class Engine:
                 self.seq = load_task_sequence(cfg.task, ctx)
         if len(self.seq) == 0:
             raise ValueError(f"task sequence '{cfg.task}' has no tasks (check --ntasks)")
-        bad = [t.name for t in self.seq if t.modality not in approach_cls.modalities]
+        # Modality checks, all before any data is preprocessed or anything trained.
+        handled = approach_cls.modalities_for(cfg)
+        bad = [f"{t.name} ({t.modality})" for t in self.seq if t.modality not in handled]
         if bad:
-            raise ValueError(f"--baseline {cfg.baseline} does not handle the modality of tasks {bad}")
+            raise ValueError(f"--baseline {cfg.baseline} handles {', '.join(handled)} tasks on --backbone "
+                             f"{cfg.backbone}, not tasks {bad}")
         self.spec = backbone_spec(self.seq)
         self.backbone = build_backbone(cfg, self.spec)
         bad = [f"{t.name} ({t.modality})" for t in self.seq if not self.backbone.accepts(t.modality)]
         if bad:
-            raise ValueError(f"--backbone {cfg.backbone} cannot take tasks {bad}; choose a backbone for that modality")
+            hint = ("; a sequence mixing text and images needs --backbone dual" if len(self.seq.modalities) > 1
+                    else "; choose a backbone for that modality")
+            raise ValueError(f"--backbone {cfg.backbone} cannot take tasks {bad}{hint}")
         with self.accelerator.main_process_first():
             for task in self.seq:
                 prepare_task(task, self.backbone, self.scenario)
@@ -204,6 +214,10 @@ class Engine:
 
     # -- data ----------------------------------------------------------------------------
     def loader(self, dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+        if isinstance(dataset, ModalityGroups):  # joint training on a mixed sequence: one modality per batch
+            dl = DataLoader(dataset, batch_sampler=dataset.batch_sampler(batch_size, shuffle, seed),
+                            collate_fn=self.collate)
+            return self.accelerator.prepare_data_loader(dl)
         gen = torch.Generator().manual_seed(seed)
         dl = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate, generator=gen)
         return self.accelerator.prepare_data_loader(dl)

@@ -269,7 +269,12 @@ class AccuracyMatrix:
         return out
 
     def group_summary(self, groups: dict[str, Sequence[int]]) -> dict[str, dict[str, Any]]:
-        """Per group of tasks (e.g. one modality): ACC and BWT restricted to the group's finished tasks."""
+        """Per group of tasks (e.g. one modality): ACC and BWT restricted to the group's finished tasks.
+
+        With more than one group, `bwt_while[h]` splits the group's BWT by which group's task was being
+        trained: the mean over the group's old tasks u of the sum, over later steps t whose task is in
+        group h, of R[t][u] - R[t-1][u]. So bwt = sum over h of bwt_while[h]: e.g. how much the text
+        tasks forgot while images were learned, and while the other text tasks were."""
         k = self.rows_done
         out: dict[str, dict[str, Any]] = {}
         for name, tasks in groups.items():
@@ -285,4 +290,14 @@ class AccuracyMatrix:
                 "acc_final": float(np.mean(self.acc[k - 1, seen])) if seen else None,
                 "bwt": float(np.mean(self.acc[k - 1, old] - self.acc[old, old])) if old else None,
             }
+        if len(groups) > 1:
+            group_of = {int(u): g for g, tasks in groups.items() for u in tasks}
+            for name, tasks in groups.items():
+                old = [u for u in sorted({int(u) for u in tasks}) if u < k - 1]
+                drift = {h: 0.0 for h in groups}
+                for u in old:
+                    for t in range(u + 1, k):
+                        if t in group_of:
+                            drift[group_of[t]] += (self.acc[t, u] - self.acc[t - 1, u]) / len(old)
+                out[name]["bwt_while"] = {h: float(v) for h, v in drift.items()} if old else {h: None for h in groups}
         return out

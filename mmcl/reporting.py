@@ -183,9 +183,16 @@ def results_markdown(matrix: AccuracyMatrix, title: str, meta: dict[str, Any],
     if groups:
         lines += ["", "## Per group", ""]
         g = matrix.group_summary(groups)
-        lines += _table(["group", "tasks", "ACC (%)", "BWT"],
+        header = ["group", "tasks", "ACC (%)", "BWT"]
+        if len(groups) > 1:
+            header += [f"BWT while {h} trained" for h in groups]
+        lines += _table(header,
                         [[name, ", ".join(names[u] for u in v["tasks"]), _fmt(v["acc_final"]), _fmt(v["bwt"])]
+                         + [_fmt(v["bwt_while"][h]) for h in groups if len(groups) > 1]
                          for name, v in g.items()])
+        if len(groups) > 1:
+            lines += ["", "*BWT while h trained*: the group's BWT split by the group of the task being learned "
+                      "(the accuracy its earlier tasks lost, or gained, during those steps); the columns sum to BWT."]
 
     lines += ["", "## Accuracy matrix (%)", "",
               "Row *after t* = evaluated after training task t; column = tested task.", ""]
@@ -203,8 +210,12 @@ def results_markdown(matrix: AccuracyMatrix, title: str, meta: dict[str, Any],
 
 # -- plot ------------------------------------------------------------------------------------------
 
-def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | os.PathLike) -> None:
-    """Heatmap of the accuracy matrix and per-task accuracy curves, saved as PNG atomically."""
+def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | os.PathLike,
+                         groups: dict[str, list[int]] | None = None) -> None:
+    """Heatmap of the accuracy matrix and per-task accuracy curves, saved as PNG atomically.
+
+    With groups (modalities of a mixed run), the steps are shaded by the group of the task trained, and each
+    group gets a dashed curve: the mean accuracy over its tasks seen so far."""
     # Figure + Agg canvas directly: no pyplot global state, no GUI backend, safe on headless nodes.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -238,6 +249,17 @@ def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | os.PathLike) -> Non
         # Only from the step the task is learned: earlier points are accuracy before training on it.
         ax_c.plot(steps[u:], acc[u:k, u], marker="o", ms=3, lw=1,
                   label=names[u] if T <= 10 else None)
+    if groups and len(groups) > 1:
+        shades = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
+        for i, (gname, tasks) in enumerate(groups.items()):
+            color = shades[i % len(shades)]
+            for u in tasks:
+                ax_c.axvspan(u - 0.5, u + 0.5, color=color, alpha=0.07, lw=0)
+            curve = [(t, float(np.mean(acc[t, [u for u in tasks if u <= t]])))
+                     for t in range(k) if any(u <= t for u in tasks)]
+            if curve:
+                ax_c.plot(*zip(*curve), color=color, lw=2.2, ls="--", marker="D", ms=4,
+                          label=f"{gname}: average over seen (shaded: {gname} steps)")
     if k:
         avg = [float(np.mean(acc[t, : t + 1])) for t in range(k)]
         ax_c.plot(steps, avg, color="black", lw=2.5, marker="s", label="average over seen tasks")
@@ -286,7 +308,7 @@ def write_report(run_dir: str | os.PathLike, matrix: AccuracyMatrix, meta: dict[
     title = " · ".join(str(meta[k]) for k in ("task_sequence", "backbone", "approach") if meta.get(k)) or run_dir.name
     write_text_atomic(run_dir / RESULTS_FILE, results_markdown(matrix, title, meta, groups))
     try:
-        plot_accuracy_matrix(matrix, run_dir / PLOT_FILE)
+        plot_accuracy_matrix(matrix, run_dir / PLOT_FILE, groups)
     except Exception as e:  # noqa: BLE001
         # The report is rewritten after every task of a long run: a plotting problem must not kill training;
         # metrics.json and results.md are already safely written.

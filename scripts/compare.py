@@ -43,8 +43,14 @@ def run_comparison(task: str, backbone: str, scenario: str, baselines: list[str]
                       progress=False, run_name=f"{name}-{baseline}", output_dir=str(out / "runs"), overwrite=True)
         cfg = build_config(values)
         t0 = time.time()
-        matrix = Engine(cfg).run()
+        engine = Engine(cfg)
+        matrix = engine.run()
         s = matrix.summary()
+        groups: dict[str, list[int]] = {}
+        for t in engine.seq:
+            groups.setdefault(t.modality, []).append(t.id)
+        if len(groups) > 1:  # a mixed run: per-modality ACC / BWT and the BWT split by modality trained
+            s["groups"] = matrix.group_summary(groups)
         s.update(baseline=baseline, minutes=(time.time() - t0) / 60)
         rows.append(s)
         print(f"{baseline}: ACC {fmt(s['acc_final'])} BWT {fmt(s['bwt'])} forgetting {fmt(s['forgetting'])} "
@@ -77,6 +83,19 @@ def markdown_table(name: str, flags: list[str], rows: list[dict], paper: dict[st
         if paper:
             cells.append(paper.get(r["baseline"], "—"))
         lines.append("| " + " | ".join(cells) + " |")
+    groups = next((r["groups"] for r in rows if r.get("groups")), None)
+    if groups:
+        lines += ["", "Per modality (ACC, BWT, and BWT split by the modality being trained):", ""]
+        header = ["approach"]
+        for g in groups:
+            header += [f"{g} ACC", f"{g} BWT"] + [f"{g} BWT while {h}" for h in groups]
+        lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        for r in rows:
+            cells = [r["baseline"]]
+            for g in groups:
+                v = r["groups"][g]
+                cells += [fmt(v["acc_final"]), fmt(v["bwt"])] + [fmt(v["bwt_while"][h]) for h in groups]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -101,7 +101,7 @@ def test_replay_trains_on_memory_of_old_tasks(tmp_path):
     engine.train_task(engine.seq[0])
     assert len(replay.memory) == 20 and replay.memory.class_counts() == {0: 10, 1: 10}
     replay.before_task(engine.seq[1])
-    mb = replay.memory_batch(8)
+    (mb,) = replay.memory_batches(8)  # one modality: one batch
     assert mb["task_ids"].tolist() == [0] * 8
     assert set(mb["labels"].tolist()) <= {0, 1}
 

@@ -62,6 +62,11 @@ class Approach(nn.Module):
         self._collate: Callable[[list[dict]], dict] | None = None
         self._accelerator = None
 
+    @classmethod
+    def modalities_for(cls, cfg) -> tuple[str, ...]:
+        """The task modalities this approach handles on `cfg.backbone` (checked at start, before any training)."""
+        return cls.modalities
+
     # -- construction -------------------------------------------------------------------
     def build_model(self, backbone: Backbone) -> nn.Module:
         layout = self.scenario.head_layout(self.seq)
@@ -80,6 +85,21 @@ class Approach(nn.Module):
         """Collate dataset rows (e.g. from a memory) and move them to the model's device."""
         batch = self._collate(rows)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def batches_from_refs(self, refs: list[tuple[int, int]]) -> list[dict]:
+        """(task, row) references into the train splits -> one batch per modality, text first.
+
+        A memory of a mixed sequence holds text and image rows; they cannot share a batch (each
+        tower of a multimodal backbone takes only its own inputs), so they are collated apart."""
+        by_modality: dict[str, list[dict]] = {}
+        for t, r in refs:
+            by_modality.setdefault(self.seq[t].modality, []).append(self.seq[t].train[r])
+        return [self.batch_from_rows(rows) for _, rows in sorted(by_modality.items(), reverse=True)]
+
+    def loss_over(self, batches: list[dict]) -> torch.Tensor:
+        """Mean cross-entropy over the examples of several batches (e.g. one per modality)."""
+        n = sum(b["labels"].numel() for b in batches)
+        return sum(self.model.loss(b) * b["labels"].numel() for b in batches) / n
 
     # -- hooks ---------------------------------------------------------------------------
     def train_dataset(self, task: Task):

@@ -240,6 +240,7 @@ class CTR(Hat):
     """HAT's machinery (hat.py) over the TSMs, plus the knowledge-sharing module at every site."""
 
     name = "ctr"
+    masks_dual_text_tower = False  # its routing reads text attention masks: text backbones only
 
     def build_model(self, backbone) -> nn.Module:
         tokenizer = getattr(backbone, "tokenizer", None)

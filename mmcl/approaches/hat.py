@@ -18,6 +18,13 @@ bias by 1 - M_out; the embedding gradients are compensated for the annealing; af
 the embeddings are clamped to +-thres_emb. After the task, M = max(M, sigmoid(smax * e_t)).
 Test time: s = smax and the given task id.
 
+On `--backbone dual` (text and image tasks) the masks go on the adapters of its text tower
+(`--text_backbone bert_adapter`): HAT is a method for adapters, and the vision tower has none.
+Image tasks then train the vision tower and its projection without masks, regulariser or
+consolidation (they forget as fine-tuning does), and the text projection and the shared blocks
+are frozen at their initial weights, so the masked adapters stay the only trained path of the text
+tasks and text keeps HAT's guarantee while images are learned.
+
 What is frozen: the whole BERT, LayerNorms included (trainable LayerNorms would be shared by
 all tasks and let forgetting through), so only the masked adapters and the per-task heads train.
 
@@ -235,6 +242,16 @@ class Hat(Approach):
     needs_task_id = True
     modalities = ("text",)
 
+    masks_dual_text_tower: bool = True  # on `--backbone dual`: mask the text tower, train images unmasked
+
+    @classmethod
+    def modalities_for(cls, cfg) -> tuple[str, ...]:
+        from mmcl.backbones import BACKBONES
+
+        if cls.masks_dual_text_tower and cfg.backbone in BACKBONES and BACKBONES.canonical(cfg.backbone) == "dual":
+            return ("text", "image")
+        return cls.modalities
+
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         if cfg.weight_decay:
             raise ValueError(
@@ -248,15 +265,31 @@ class Hat(Approach):
 
     # -- construction ------------------------------------------------------------------------
     def build_model(self, backbone) -> nn.Module:
-        if not isinstance(backbone, BertAdapterEncoder):
+        from mmcl.backbones.dual import DualBackbone
+
+        encoder = backbone
+        if isinstance(backbone, DualBackbone) and self.masks_dual_text_tower and "text" in backbone.towers:
+            encoder = backbone.towers["text"]
+        if not isinstance(encoder, BertAdapterEncoder):
             raise ValueError(
-                f"--baseline {self.name} puts its plug-ins on the adapter sites of --backbone bert_adapter; "
+                f"--baseline {self.name} puts its plug-ins on the adapter sites of --backbone bert_adapter"
+                f"{' (or --backbone dual --text_backbone bert_adapter)' if self.masks_dual_text_tower else ''}; "
                 f"got --backbone {self.cfg.backbone}"
+                + (f" --text_backbone {self.cfg.text_backbone}" if isinstance(backbone, DualBackbone) else "")
             )
         self.ctx = self.make_context()
-        backbone.set_plugins(self.make_plugin)
-        freeze_layernorms(backbone.encoder)
+        encoder.set_plugins(self.make_plugin)
+        freeze_layernorms(encoder.encoder)
+        if encoder is not backbone:
+            # unmasked layers every text task passes through would let text forgetting through
+            backbone.proj["text"].requires_grad_(False)
+            backbone.shared.requires_grad_(False)
+        self.masked_modalities = ("text",)
         return super().build_model(backbone)
+
+    def masked(self, task: Task | None) -> bool:
+        """Whether a task trains under the masks (on `dual`, image tasks do not)."""
+        return task is not None and task.modality in self.masked_modalities
 
     def make_context(self) -> HatContext:
         return HatContext(task=0, s=float(self.cfg.smax))
@@ -275,10 +308,14 @@ class Hat(Approach):
         self._s = s
         self.set_context(task.id, s, batch)
         loss = self.model.loss(batch)
+        if not self.masked(task):
+            return loss
         return loss + self.cfg.hat_c * self.hat.regulariser(task.id, s)
 
     def before_optimizer_step(self) -> None:
-        if self.current_task is not None and self.current_task.id > 0:
+        if not self.masked(self.current_task):
+            return  # the masked layers took no part in this step
+        if self.current_task.id > 0:
             self.hat.block_gradients()
         self.hat.compensate(self._s)
 
@@ -286,6 +323,10 @@ class Hat(Approach):
         self.hat.clamp_embeddings()
 
     def after_task(self, task: Task, loader) -> None:
+        if not self.masked(task):
+            # an image task on `dual` claims no units: its gates never touched its inputs
+            self.binarized_units.append(0)
+            return
         if self.cfg.hat_binarize:
             self.binarized_units.append(self.hat.binarize(task.id))
         self.hat.consolidate(task.id)

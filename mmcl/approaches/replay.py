@@ -28,22 +28,21 @@ class Replay(Approach):
         super().before_task(task)
         self._rng = np.random.default_rng(self.cfg.seed + 7919 * (task.id + 1))
 
-    def memory_batch(self, n: int) -> dict | None:
-        """n memory rows for this process: every process draws the same global batch of n x processes
-        rows and takes its own slice, so k processes replay what one process with k x the batch would."""
+    def memory_batches(self, n: int) -> list[dict]:
+        """n memory rows for this process, as one batch per modality (a mixed sequence's memory holds both).
+
+        Every process draws the same global batch of n x processes rows and takes its own slice, so
+        k processes replay what one process with k x the batch would."""
         acc = self._accelerator
         world, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
         refs = self.memory.sample(n * world, self._rng)[rank * n:(rank + 1) * n]
-        if not refs:
-            return None
-        rows = [self.seq[t].train[r] for t, r in refs]
-        return self.batch_from_rows(rows)
+        return self.batches_from_refs(refs) if refs else []
 
     def training_step(self, batch: dict, task: Task) -> torch.Tensor:
         loss = self.model.loss(batch)
-        replay = self.memory_batch(batch["labels"].shape[0])
-        if replay is not None:
-            loss = (loss + self.model.loss(replay)) / 2
+        replay = self.memory_batches(batch["labels"].shape[0])
+        if replay:
+            loss = (loss + self.loss_over(replay)) / 2
         return loss
 
     def after_task(self, task: Task, loader) -> None:

@@ -11,6 +11,7 @@ from mmcl.registry import Registry
 BACKBONES: Registry = Registry("backbone")
 BACKBONES.add_loader(lambda: __import__("mmcl.backbones.vision"))
 BACKBONES.add_loader(lambda: __import__("mmcl.backbones.text"))
+BACKBONES.add_loader(lambda: __import__("mmcl.backbones.dual"))
 
 
 def build_backbone(cfg, spec: BackboneSpec) -> Backbone:

@@ -36,5 +36,9 @@ class Backbone(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} must define forward()")
 
+    def preprocess_task(self, dataset, modality: str):
+        """`preprocess` for a split of a task of `modality` (a multimodal backbone picks its tower by it)."""
+        return self.preprocess(dataset)
+
     def accepts(self, modality: str) -> bool:
         return modality == self.modality

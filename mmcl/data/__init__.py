@@ -19,6 +19,7 @@ from mmcl.registry import Registry, UnknownNameError
 READERS: Registry = Registry("reader")
 READERS.add_loader(lambda: __import__("mmcl.data.text"))
 READERS.add_loader(lambda: __import__("mmcl.data.vision"))
+READERS.add_loader(lambda: __import__("mmcl.data.mixed"))
 
 TASKS_DIR = Path(os.environ.get("MMCL_TASKS", Path(__file__).resolve().parents[2] / "tasks"))
 
