@@ -61,6 +61,7 @@ class RunConfig:
     patch_size: int | None = None
     vit_pool: str = "token"  # token ([CLS]) | avg (mean of patch tokens)
     vit_dropout: float = 0.0  # dropout after attention and MLP projections (less forgetting: Mirzadeh et al. 2020)
+    freeze_backbone: bool = False  # train only what lies outside the backbone (heads): linear probe / FT-frozen
     # approaches
     lamb: float = 5000.0  # EWC lambda (PyContinual --lamb)
     ewc_gamma: float | None = None  # None: PyContinual's running mean (F_new + t F_old)/(t+1); else online EWC decay
@@ -83,6 +84,21 @@ class RunConfig:
     dytox_div_weight: float = 0.1  # DyTox divergence head's loss weight
     dytox_finetune_epochs: int = 5  # DyTox balanced fine-tuning after each task > 0 (paper: 20)
     dytox_finetune_lr_scale: float = 0.1  # its lr as a share of learning_rate (paper: 5e-5 vs 5e-4)
+    # prompting a frozen vit (coda_prompt, l2p, dualprompt); block indices as '0,1,2' or '0-2'.
+    # Paper sizes except the blocks: ViT-B has 12, the default vit 4, so 0-4 / 2-4 become 0-3 / 2-3.
+    coda_pool_size: int = 100  # components, split evenly over the tasks
+    coda_length: int = 8  # tokens per component, half to keys and half to values
+    coda_layers: str = "0-3"  # paper: 0-4 of 12
+    coda_ortho_mu: float = 0.0  # orthogonality penalty weight (the released code: 0)
+    l2p_pool_size: int = 10
+    l2p_length: int = 5
+    l2p_top_k: int = 5
+    l2p_key_lambda: float = 0.1  # weight of the key-matching (surrogate) loss
+    dualprompt_g_layers: str = "0-1"
+    dualprompt_g_length: int = 5  # prefix tokens per key and per value
+    dualprompt_e_layers: str = "2-3"  # paper: 2-4 of 12
+    dualprompt_e_length: int = 20
+    dualprompt_key_lambda: float = 1.0
     # output
     output_dir: str = "runs"
     run_name: str | None = None

@@ -50,6 +50,9 @@ class Approach(nn.Module):
         self.seq = seq
         self.scenario = scenario
         self.model = self.build_model(backbone)
+        self.frozen_backbone = bool(getattr(cfg, "freeze_backbone", False))
+        if self.frozen_backbone:
+            self.model.backbone.requires_grad_(False)
         self.current_task: Task | None = None
         self.progress = Progress()
         # set by the engine (`bind`): turns dataset rows into a batch on the right device
@@ -74,6 +77,12 @@ class Approach(nn.Module):
         """Collate dataset rows (e.g. from a memory) and move them to the model's device."""
         batch = self._collate(rows)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "frozen_backbone", False):
+            self.model.backbone.eval()  # --freeze_backbone: a fixed feature extractor, dropout off
+        return self
 
     # -- hooks ---------------------------------------------------------------------------
     def train_dataset(self, task: Task):
