@@ -66,6 +66,7 @@ class RunConfig:
     vision_backbone: str = "vit"  # its vision tower: vit or convit
     dual_dim: int = 256  # the shared feature width both towers are projected to
     dual_shared_layers: int = 1  # residual MLP blocks on top, shared by both modalities (0: the projections only)
+    freeze_backbone: bool = False  # train only what lies outside the backbone (heads): linear probe / FT-frozen
     # approaches
     lamb: float = 5000.0  # EWC lambda (PyContinual --lamb)
     ewc_gamma: float | None = None  # None: PyContinual's running mean (F_new + t F_old)/(t+1); else online EWC decay
@@ -103,6 +104,21 @@ class RunConfig:
     levit_latent_dim: int = 50  # VAE latent size (paper: 50 for MNIST)
     levit_vae_hidden: int = 400
     levit_max_experts: int = 20  # growth stops here (a low gamma would otherwise add one per memory fill)
+    # prompting a frozen vit (coda_prompt, l2p, dualprompt); block indices as '0,1,2' or '0-2'.
+    # Paper sizes except the blocks: ViT-B has 12, the default vit 4, so 0-4 / 2-4 become 0-3 / 2-3.
+    coda_pool_size: int = 100  # components, split evenly over the tasks
+    coda_length: int = 8  # tokens per component, half to keys and half to values
+    coda_layers: str = "0-3"  # paper: 0-4 of 12
+    coda_ortho_mu: float = 0.0  # orthogonality penalty weight (the released code: 0)
+    l2p_pool_size: int = 10
+    l2p_length: int = 5
+    l2p_top_k: int = 5
+    l2p_key_lambda: float = 0.1  # weight of the key-matching (surrogate) loss
+    dualprompt_g_layers: str = "0-1"
+    dualprompt_g_length: int = 5  # prefix tokens per key and per value
+    dualprompt_e_layers: str = "2-3"  # paper: 2-4 of 12
+    dualprompt_e_length: int = 20
+    dualprompt_key_lambda: float = 1.0
     # output
     output_dir: str = "runs"
     run_name: str | None = None

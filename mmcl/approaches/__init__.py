@@ -8,7 +8,8 @@ from mmcl.registry import Registry
 
 APPROACHES: Registry[type[Approach]] = Registry("approach", flag="baseline")
 
-_MODULES = ("finetune", "joint", "one", "replay", "ewc", "lwf", "hat", "ctr", "dytox", "online", "levit")
+_MODULES = ("finetune", "joint", "one", "replay", "ewc", "lwf", "hat", "ctr", "dytox", "coda_prompt", "l2p", "dualprompt",
+            "online", "levit")
 for _name in _MODULES:
     APPROACHES.add_loader(lambda n=_name: importlib.import_module(f"mmcl.approaches.{n}"))
 

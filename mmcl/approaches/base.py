@@ -56,6 +56,9 @@ class Approach(nn.Module):
         self.seq = seq
         self.scenario = scenario
         self.model = self.build_model(backbone)
+        self.frozen_backbone = bool(getattr(cfg, "freeze_backbone", False))
+        if self.frozen_backbone:
+            self.model.backbone.requires_grad_(False)
         self.current_task: Task | None = None
         self.progress = Progress()
         # set by the engine (`bind`): turns dataset rows into a batch on the right device
@@ -100,6 +103,11 @@ class Approach(nn.Module):
         """Mean cross-entropy over the examples of several batches (e.g. one per modality)."""
         n = sum(b["labels"].numel() for b in batches)
         return sum(self.model.loss(b) * b["labels"].numel() for b in batches) / n
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "frozen_backbone", False):
+            self.model.backbone.eval()  # --freeze_backbone: a fixed feature extractor, dropout off
+        return self
 
     # -- hooks ---------------------------------------------------------------------------
     def train_dataset(self, task: Task):

@@ -1,4 +1,5 @@
-"""Image task-sequence readers: `split_fmnist` (Fashion-MNIST) and `split_digits` (scikit-learn digits).
+"""Image task-sequence readers: `split_fmnist` (Fashion-MNIST), `split_digits` (scikit-learn digits),
+`cifar100` (binary version) and `imagenet_r` (class folders of images).
 
 Both split a 10-class dataset into tasks of `classes_per_task` classes. Splits have the
 columns `image` (uint8 HxW, stored as a datasets Array2D) and `label` (local 0..n-1).
@@ -350,3 +351,87 @@ def read_cifar100(params: dict, ctx: ReaderContext) -> TaskSequence:
     tasks = [_class_task("cifar100", chunk, names, arrays, train_cap(params, ctx), params.get("max_eval_per_task"),
                          ctx.seed, str(folder)) for chunk in chunks]
     return TaskSequence(params.get("name", "cifar100"), tasks, info={"source": str(folder), "image_shape": (32, 32, 3)})
+
+
+# ----------------------------------------------------------------------------- ImageNet-R (image folders)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGENET_R_HINT = ("Get ImageNet-R (imagenet-r.tar from https://github.com/hendrycks/imagenet-r: 200 class folders "
+                   "of JPEGs) and pass the folder that holds imagenet-r/ (or the class folders) as --data_dir.")
+
+
+def find_image_folder(root: Path, names: Sequence[str], hint: str) -> Path:
+    """The folder of class sub-folders: `root` itself or one of `names` inside it."""
+    for folder in [root / n for n in names] + [root]:
+        if folder.is_dir() and any(d.is_dir() for d in folder.iterdir()):
+            return folder
+    raise DataNotFoundError(f"no class folders under '{root}' (looked in {', '.join(names)} and the folder itself). {hint}")
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: RGB, the largest centred square, resized (bilinear)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.fit(im.convert("RGB"), (size, size), Image.BILINEAR), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"image '{path}' cannot be read: {e}") from e
+
+
+@READERS.register("imagenet_r")
+def read_imagenet_r(params: dict, ctx: ReaderContext) -> TaskSequence:
+    """ImageNet-R: class folders of images (200 classes), `classes_per_task` per task (40/20/10: 5/10/20 tasks).
+
+    ImageNet-R has no official split: per class a seeded `test_fraction` (0.2, CODA-Prompt's
+    80/20) is test, `valid_fraction` (0.1) valid, the rest train. Class order: sorted folder
+    names for --idrandom 0, a seeded permutation otherwise. Images are decoded only for the
+    kept (capped) files, made square and resized to `image_size` (224). `num_classes` (200)
+    must match the folders found, so a partial download fails loudly.
+    """
+    folder = find_image_folder(ctx.resolve_data_dir("imagenet_r", IMAGENET_R_HINT),
+                               ("imagenet-r", "imagenet_r", "imagenet-r/imagenet-r"), IMAGENET_R_HINT)
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    expected = params.get("num_classes", 200)
+    if expected is not None and len(classes) != int(expected):
+        raise ValueError(f"imagenet_r: '{folder}' has {len(classes)} class folders, the task sequence expects "
+                         f"num_classes {expected}")
+    size = int(params.get("image_size", 224))
+    test_fraction, valid_fraction = float(params.get("test_fraction", 0.2)), float(params.get("valid_fraction", 0.1))
+    if not (0 < test_fraction < 1 and 0 <= valid_fraction < 1 and test_fraction + valid_fraction < 1):
+        raise ValueError(f"imagenet_r: test_fraction {test_fraction} and valid_fraction {valid_fraction} must be in "
+                         f"[0, 1) and sum below 1")
+    order = None
+    if ctx.idrandom:
+        order = seeded_rng(ctx.idrandom, "imagenet_r", "class_order").permutation(len(classes)).tolist()
+    chunks = split_classes(len(classes), int(params.get("classes_per_task", 20)), order)
+    chunks = take_first_tasks(chunks, ctx.ntasks, "imagenet_r")
+    caps = {"train": train_cap(params, ctx), "valid": params.get("max_eval_per_task"),
+            "test": params.get("max_eval_per_task")}
+    tasks = []
+    for chunk in chunks:
+        name = f"imagenet_r_{chunk[0]}_{chunk[-1]}"
+        files: dict[str, list[tuple[Path, int]]] = {"train": [], "valid": [], "test": []}
+        for local, c in enumerate(chunk):
+            paths = sorted(p for p in (folder / classes[c]).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not paths:
+                raise DataNotFoundError(f"imagenet_r: class folder '{folder / classes[c]}' holds no images")
+            perm = seeded_rng(ctx.seed, "imagenet_r", classes[c]).permutation(len(paths))
+            n_test = max(1, int(round(len(paths) * test_fraction)))
+            n_valid = int(round(len(paths) * valid_fraction))
+            parts = {"test": perm[:n_test], "valid": perm[n_test : n_test + n_valid], "train": perm[n_test + n_valid :]}
+            for split, idx in parts.items():
+                files[split].extend((paths[i], local) for i in sorted(idx))
+        splits = {}
+        for split, items in files.items():
+            keep = seeded_subset(len(items), caps[split], seeded_rng(ctx.seed, "imagenet_r", name, split, "cap"))
+            items = [items[i] for i in keep]
+            images = np.stack([load_image(p, size) for p, _ in items]) if items else np.zeros((0, size, size, 3), np.uint8)
+            splits[split] = image_dataset(images, np.array([y for _, y in items], dtype=np.int64))
+        task = Task(id=0, name=name, modality="image", classes=[classes[c] for c in chunk],
+                    info={"domain": name, "source": str(folder), "class_ids": list(chunk),
+                          "image_shape": (size, size, 3)}, **splits)
+        check_labels(task)
+        tasks.append(task)
+    return TaskSequence(params.get("name", "imagenet_r"), tasks,
+                        info={"source": str(folder), "image_shape": (size, size, 3)})

@@ -1,0 +1,95 @@
+"""CODA-Prompt (Smith et al., CVPR 2023): decomposed, attention-weighted prompts on a frozen ViT, rehearsal-free.
+
+Per prompted block l, a pool of M components P_m (length L), each with a key K_m and an
+attention vector A_m. The query q is the pooled ([CLS]) feature of a prompt-free pass of
+the frozen model; α_m = cos(q ⊙ A_m, K_m) and the prompt Σ_m α_m P_m is split in half into
+prefix keys and values (prefix tuning). The pool is cut into one slice per task: task t trains
+only its slice (earlier slices are frozen: separate parameters with requires_grad off, so
+neither gradients nor weight decay reach them) and uses slices 0..t; a new slice is
+initialised orthogonal to the earlier ones (Gram–Schmidt) so it starts in directions the old
+tasks do not use. Optional orthogonality penalty --coda_ortho_mu (the released code uses 0).
+Loss: CE with past-class logits masked (`PromptApproach`); the paper trains with Adam and a
+cosine schedule (`--optimizer adamw --weight_decay 0 --lr_scheduler cosine`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcl.approaches import APPROACHES
+from mmcl.approaches.prompting import PromptApproach, orthogonal_rows, parse_layers, prompted_tokens, pooled
+from mmcl.data.sequence import Task
+
+
+def ortho_penalty(rows: torch.Tensor) -> torch.Tensor:
+    """Mean squared deviation of the rows' Gram matrix from the identity."""
+    eye = torch.eye(rows.shape[0], device=rows.device, dtype=rows.dtype)
+    return ((rows @ rows.T - eye) ** 2).mean()
+
+
+@APPROACHES.register("coda_prompt", aliases=("coda",))
+class CodaPrompt(PromptApproach):
+    name = "coda_prompt"
+
+    def __init__(self, backbone, seq, scenario, cfg) -> None:
+        super().__init__(backbone, seq, scenario, cfg)
+        self.layers = parse_layers(cfg.coda_layers, self.depth, "coda_layers")
+        pool, length, T = cfg.coda_pool_size, cfg.coda_length, len(seq)
+        if length < 2 or length % 2:
+            raise ValueError(f"--coda_length must be even (half to keys, half to values), got {length}")
+        if pool < T:
+            raise ValueError(f"--coda_pool_size {pool} gives fewer components than the {T} tasks")
+        # M/T per task; a remainder goes to the first tasks
+        self.slice_sizes = [pool // T + (1 if t < pool % T else 0) for t in range(T)]
+        n, D = len(self.layers), self.embed_dim
+        self.components = nn.ParameterList(nn.Parameter(torch.zeros(n, m, length, D)) for m in self.slice_sizes)
+        self.keys = nn.ParameterList(nn.Parameter(torch.zeros(n, m, D)) for m in self.slice_sizes)
+        self.attention = nn.ParameterList(nn.Parameter(torch.zeros(n, m, D)) for m in self.slice_sizes)
+        self._set_trainable(None)
+
+    def _set_trainable(self, t: int | None) -> None:
+        for plist in (self.components, self.keys, self.attention):
+            for j, p in enumerate(plist):
+                p.requires_grad_(j == t)
+
+    def before_task(self, task: Task) -> None:
+        super().before_task(task)
+        self.init_slice(task.id)
+        self._set_trainable(task.id)
+
+    @torch.no_grad()
+    def init_slice(self, t: int) -> None:
+        """Slice t: unit rows orthogonal to slices 0..t-1 in every layer (seeded, so resume redraws the same)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + t)
+        for plist in (self.components, self.keys, self.attention):
+            new = plist[t]
+            for li in range(len(self.layers)):
+                earlier = [plist[j][li].reshape(self.slice_sizes[j], -1) for j in range(t)]
+                prev = torch.cat(earlier) if earlier else new.new_zeros(0, new[li][0].numel())
+                rows = orthogonal_rows(prev.cpu(), self.slice_sizes[t], gen)
+                new[li].copy_(rows.reshape(new[li].shape))
+
+    def pool_in_use(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(components (n, M', L, D), keys (n, M', D), attention (n, M', D)) of slices 0..t."""
+        return tuple(torch.cat([plist[j] for j in range(t + 1)], dim=1)
+                     for plist in (self.components, self.keys, self.attention))
+
+    def alpha(self, q: torch.Tensor, keys: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """α (n_layers, B, M') = cos(q ⊙ A_m, K_m), in [-1, 1]."""
+        weighted = q[None, :, None, :] * attention[:, None]  # (n, B, M', D)
+        return F.cosine_similarity(weighted, keys[:, None], dim=-1, eps=1e-8)
+
+    def prompt_features(self, batch, q, task):
+        t = (task.id if task is not None else int(self.num_learned) - 1)
+        comps, keys, attention = self.pool_in_use(max(0, t))
+        alpha = self.alpha(q, keys, attention)
+        prompts = torch.einsum("nbm,nmld->nbld", alpha, comps)  # (n, B, L, D)
+        half = prompts.shape[2] // 2
+        prefixes = {layer: (prompts[i, :, :half], prompts[i, :, half:]) for i, layer in enumerate(self.layers)}
+        features = pooled(self.vit, prompted_tokens(self.vit, batch["pixel_values"], prefixes))
+        aux = None
+        if task is not None and self.cfg.coda_ortho_mu > 0:
+            aux = sum(ortho_penalty(keys[i]) + ortho_penalty(attention[i]) + ortho_penalty(comps[i].flatten(1))
+                      for i in range(len(self.layers))) * self.cfg.coda_ortho_mu
+        return features, aux

@@ -1,0 +1,54 @@
+"""L2P, Learning to Prompt (Wang et al., CVPR 2022): a shared prompt pool with query–key matching, frozen ViT.
+
+A pool of N prompts (length L_p each) with keys k_i. The query q (the frozen model's pooled
+feature without prompts) picks the top-k keys by cosine similarity; the k selected prompts
+are prepended to the input tokens (prompt tuning, after [CLS]) and the classifier reads
+the mean of the prompt tokens' outputs, as in the paper. The surrogate loss
+λ Σ_selected (1 − cos(q, k_i)) pulls the chosen keys toward the queries that chose them
+(q carries no gradient). The whole pool is shared and trained by every task; forgetting is
+held off by the frozen backbone, the key matching and the masked past-class logits. The
+optional diversity-by-frequency penalty of the paper is not implemented.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcl.approaches import APPROACHES
+from mmcl.approaches.prompting import PromptApproach, prompted_tokens
+
+
+@APPROACHES.register("l2p")
+class L2P(PromptApproach):
+    name = "l2p"
+
+    def __init__(self, backbone, seq, scenario, cfg) -> None:
+        super().__init__(backbone, seq, scenario, cfg)
+        pool, length, k = cfg.l2p_pool_size, cfg.l2p_length, cfg.l2p_top_k
+        if not 1 <= k <= pool:
+            raise ValueError(f"--l2p_top_k must be in 1..--l2p_pool_size ({pool}), got {k}")
+        if length < 1:
+            raise ValueError(f"--l2p_length must be >= 1, got {length}")
+        gen = torch.Generator().manual_seed(cfg.seed)
+        # the reference implementation's uniform(-1, 1) initialisation of prompts and keys
+        self.prompts = nn.Parameter(torch.rand(pool, length, self.embed_dim, generator=gen) * 2 - 1)
+        self.prompt_keys = nn.Parameter(torch.rand(pool, self.embed_dim, generator=gen) * 2 - 1)
+
+    def select(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices (B, k) of the top-k prompts, their cosine similarities (B, k))."""
+        sim = F.cosine_similarity(q[:, None], self.prompt_keys[None], dim=-1)  # (B, N)
+        top = sim.topk(self.cfg.l2p_top_k, dim=-1)
+        return top.indices, top.values
+
+    def prompt_features(self, batch, q, task):
+        idx, sim = self.select(q)
+        B = q.shape[0]
+        chosen = self.prompts[idx].reshape(B, -1, self.embed_dim)  # (B, k * L_p, D)
+        tokens = prompted_tokens(self.vit, batch["pixel_values"], prepend=chosen)
+        n = self.vit.num_prefix_tokens
+        features = tokens[:, n : n + chosen.shape[1]].mean(dim=1)
+        aux = None
+        if task is not None and self.cfg.l2p_key_lambda > 0:
+            aux = self.cfg.l2p_key_lambda * (1 - sim).sum(dim=1).mean()
+        return features, aux
