@@ -21,12 +21,10 @@ Rehearsal: a class-balanced memory of --memory_size examples in total (the globa
 number of processes: it is chosen from the whole task with the same features everywhere), filled
 by herding on e_t of each new class; the new task trains on its data plus the memory.
 After each task t > 0, balanced fine-tuning: --dytox_finetune_epochs (20, as the paper) over the
-memory alone (class-balanced, the new classes included) at --dytox_finetune_lr_scale x the
-learning rate, training the new task's token and head and, with --dytox_finetune_tab (default, as
-the reference code, which freezes only the self-attention blocks), the TAB; earlier tokens and heads
-never change. The paper's tenth of the lr was too slow for a CPU budget: on split_fmnist the new
-head's bias towards its own classes survived it (after task 2: 69.7 % CIL accuracy; the same
-checkpoint fine-tuned again at the full lr: 75.5 %), so the default is the full lr.
+memory alone (class-balanced, the new classes included) at --dytox_finetune_lr_scale (the paper's
+0.1) x the learning rate, training the new task's token and head; --dytox_finetune_tab also trains
+the TAB, as the reference code does (it freezes only the self-attention blocks). Earlier tokens and
+heads never change. The README's DyTox section has what each choice measured.
 
 Scaled for a CPU and 28-32 px images: the encoder is mmcl's `convit` (default width 192, 4
 blocks, 3 heads, patch 4; the paper's CIFAR model is width 384, 5 + 1 blocks, 12 heads).
