@@ -233,7 +233,10 @@ class DyTox(Approach):
         opt = torch.optim.AdamW(params, lr=self.cfg.learning_rate * self.cfg.dytox_finetune_lr_scale)
         data = self.memory_rows()
         rng = np.random.default_rng(self.cfg.seed + 104729 * task.id)
-        bs = self.cfg.train_batch_size
+        # Every process holds the same memory and runs this same loop on the global batch (no DDP
+        # wrapper here), so k processes fine-tune exactly as one process with k x the batch does.
+        acc = self._accelerator
+        bs = self.cfg.train_batch_size * (acc.num_processes if acc is not None else 1)
         m.train()
         for _ in range(self.cfg.dytox_finetune_epochs):
             order = rng.permutation(len(data))
