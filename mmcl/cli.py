@@ -69,6 +69,7 @@ def cmd_run(values: dict) -> int:
     if not values.get("push_to_hub"):
         offline_by_default()
     from mmcl.engine import Engine
+    from mmcl.reporting import modality_groups
 
     if values.get("resume"):
         cfg = RunConfig.load(Path(values["resume"]) / "config.yaml")
@@ -84,10 +85,8 @@ def cmd_run(values: dict) -> int:
         print(f"\nrun dir: {engine.run_dir}")
         print(f"ACC {fmt(s['acc_final'])}  macro-F1 {fmt(s['macro_f1_final'])}  BWT {fmt(s['bwt'])}  "
               f"FWT {fmt(s['fwt'])}  forgetting {fmt(s['forgetting'])}  AIA {fmt(s['aia'])}")
-        if len(engine.seq.modalities) > 1:  # a mixed run: each modality's share, and what the other one cost it
-            groups: dict[str, list[int]] = {}
-            for t in engine.seq:
-                groups.setdefault(t.modality, []).append(t.id)
+        groups = modality_groups([t.modality for t in engine.seq])
+        if groups:  # a mixed run: each modality's share, and what the other one cost it
             for name, g in matrix.group_summary(groups).items():
                 while_ = "  ".join(f"BWT while {h} trained {fmt(v)}" for h, v in g["bwt_while"].items())
                 print(f"{name}: ACC {fmt(g['acc_final'])}  BWT {fmt(g['bwt'])}  ({while_})")

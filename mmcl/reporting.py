@@ -281,8 +281,8 @@ def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | os.PathLike,
 
 # -- run directory ---------------------------------------------------------------------------------
 
-def _modality_groups(meta: dict[str, Any]) -> dict[str, list[int]] | None:
-    mods = meta.get("modalities")
+def modality_groups(mods: Any) -> dict[str, list[int]] | None:
+    """Task indices per modality, from one modality per task; None unless the run mixes modalities."""
     if not isinstance(mods, list) or len(set(map(str, mods))) < 2:
         return None
     groups: dict[str, list[int]] = {}
@@ -300,7 +300,7 @@ def write_report(run_dir: str | os.PathLike, matrix: AccuracyMatrix, meta: dict[
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if groups is None:
-        groups = _modality_groups(meta)
+        groups = modality_groups(meta.get("modalities"))
     doc: dict[str, Any] = {"summary": matrix.summary(), "matrix": matrix.to_dict(), "meta": meta}
     if groups:
         doc["group_summary"] = matrix.group_summary(groups)

@@ -34,6 +34,7 @@ def run_comparison(task: str, backbone: str, scenario: str, baselines: list[str]
     from mmcl.cli import build_parser
     from mmcl.config import build_config
     from mmcl.engine import Engine
+    from mmcl.reporting import modality_groups
 
     run_flags = {k: v for k, v in vars(build_parser().parse_args(["run", *flags])).items() if k != "command"}
     out.mkdir(parents=True, exist_ok=True)
@@ -46,10 +47,8 @@ def run_comparison(task: str, backbone: str, scenario: str, baselines: list[str]
         engine = Engine(cfg)
         matrix = engine.run()
         s = matrix.summary()
-        groups: dict[str, list[int]] = {}
-        for t in engine.seq:
-            groups.setdefault(t.modality, []).append(t.id)
-        if len(groups) > 1:  # a mixed run: per-modality ACC / BWT and the BWT split by modality trained
+        groups = modality_groups([t.modality for t in engine.seq])
+        if groups:  # a mixed run: per-modality ACC / BWT and the BWT split by modality trained
             s["groups"] = matrix.group_summary(groups)
         s.update(baseline=baseline, minutes=(time.time() - t0) / 60)
         rows.append(s)
@@ -67,7 +66,10 @@ def rows_from_runs(run_dirs: list[str]) -> list[dict]:
         if not path.is_file():
             raise FileNotFoundError(f"--runs {d}: no metrics.json (is the run finished?)")
         metrics = json.loads(path.read_text())
-        rows.append(dict(metrics["summary"], baseline=metrics["meta"]["approach"], minutes=metrics["meta"]["minutes"]))
+        row = dict(metrics["summary"], baseline=metrics["meta"]["approach"], minutes=metrics["meta"]["minutes"])
+        if metrics.get("group_summary"):  # a mixed run, as run_comparison reports it
+            row["groups"] = metrics["group_summary"]
+        rows.append(row)
     return rows
 
 

@@ -103,6 +103,7 @@ class Approach(nn.Module):
         """Mean cross-entropy over the examples of several batches (e.g. one per modality)."""
         n = sum(b["labels"].numel() for b in batches)
         return sum(self.model.loss(b) * b["labels"].numel() for b in batches) / n
+
     def train(self, mode: bool = True):
         super().train(mode)
         if getattr(self, "frozen_backbone", False):
