@@ -20,8 +20,8 @@ from mmcl.metrics import AccuracyMatrix
 
 __all__ = [
     "METRICS_FILE", "RESULTS_FILE", "PLOT_FILE",
-    "load_metrics", "plot_accuracy_matrix", "results_markdown", "write_json_atomic", "write_report",
-    "write_text_atomic",
+    "load_metrics", "plot_accuracy_matrix", "results_markdown", "write_benchmark", "write_json_atomic",
+    "write_report", "write_text_atomic",
 ]
 
 METRICS_FILE = "metrics.json"
@@ -94,6 +94,17 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Serialise first, then replace ``path`` atomically; a serialisation error leaves the old file untouched."""
     text = json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
     write_text_atomic(path, text)
+
+
+def write_benchmark(out_dir: str | os.PathLike, stem: str, result: Any, table: str) -> Path:
+    """A benchmark's ``<stem>.json`` and markdown ``<stem>.md`` under ``out_dir``, each written atomically.
+
+    Returns ``out_dir / stem`` for any further file (a plot) the benchmark writes beside them."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / f"{stem}.json", result)
+    write_text_atomic(out / f"{stem}.md", table)
+    return out / stem
 
 
 # -- markdown ------------------------------------------------------------------------------------

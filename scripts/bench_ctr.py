@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from mmcl.reporting import write_benchmark  # noqa: E402
 
 
 def worker(args) -> None:
@@ -109,10 +110,6 @@ def main() -> None:
         ctr = measure(args, "ctr", index)
         rows.append({"task_index": index, "finetune": base, "ctr": ctr,
                      "step_ratio": ctr["step_s"] / base["step_s"], "rss_ratio": ctr["max_rss_mb"] / base["max_rss_mb"]})
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
-    stem = "bench_ctr" if args.task == "vader4" else f"bench_ctr-{args.task}"
-    (out / f"{stem}.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     lines = ["| task index | adapter+finetune s/step | ctr s/step | step ratio ctr/finetune | finetune max RSS MB | "
              "ctr max RSS MB | memory ratio | ctr trainable params |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -121,7 +118,8 @@ def main() -> None:
                      f"{r['ctr']['trainable_parameters']:,} |")
     table = (f"{args.task}, batch {args.batch_size}, bert_adapter_size {args.bert_adapter_size}, median of {args.steps} steps\n\n"
              + "\n".join(lines) + "\n")
-    (out / f"{stem}.md").write_text(table)
+    stem = "bench_ctr" if args.task == "vader4" else f"bench_ctr-{args.task}"
+    write_benchmark(args.out, stem, {"args": vars(args), "rows": rows}, table)
     print(table)
 
 

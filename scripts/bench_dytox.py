@@ -11,7 +11,6 @@ is the median over --steps batches of task t. Writes bench_results/bench_dytox.{
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -21,6 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mmcl.reporting import write_benchmark  # noqa: E402
 
 
 def count(module) -> int:
@@ -73,10 +73,7 @@ def main() -> None:
                      f"{r['step_s']:.3f} | {r['max_rss_mb']:.0f} | {r['memory_examples']} |")
     table = (f"{args.task} · convit (width {cfg.vit_embed_dim}, depth {cfg.vit_depth}) · dytox, batch {args.batch_size}, "
              f"median of {args.steps} steps\n\n" + "\n".join(lines) + "\n")
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
-    (out / "bench_dytox.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    (out / "bench_dytox.md").write_text(table)
+    write_benchmark(args.out, "bench_dytox", {"args": vars(args), "rows": rows}, table)
     print(table)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mmcl.reporting import write_benchmark  # noqa: E402
 
 
 def parse_value(text: str):
@@ -134,10 +135,7 @@ def write_outputs(out: Path, task: str, result: dict, threads: int) -> None:
                      f"{r['examples_per_s']} | {r['acc']:.2f} | {r['aia']:.2f} |")
     lines += ["", f"hidden boundaries at stream positions {rows[0]['hidden_boundaries']}"]
     table = "\n".join(lines) + "\n"
-    out.mkdir(exist_ok=True)
-    stem = out / f"bench_levit_{task}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    stem.with_suffix(".md").write_text(table)
+    stem = write_benchmark(out, f"bench_levit_{task}", result, table)
     plot(rows, task, stem.with_suffix(".png"))
     print(table)
 

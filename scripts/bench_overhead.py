@@ -8,7 +8,6 @@ Ratio = mmcl seconds per step / plain seconds per step (median over interleaved 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,7 @@ import torch  # noqa: E402
 
 from mmcl.config import build_config  # noqa: E402
 from mmcl.engine import Engine  # noqa: E402
+from mmcl.reporting import write_benchmark  # noqa: E402
 
 
 def plain_loop(engine: Engine, steps: int, batch_size: int, lr: float, seed: int) -> float:
@@ -83,13 +83,10 @@ def main() -> None:
     result = {"task": args.task, "backbone": args.backbone, "batch_size": args.batch_size, "steps": steps,
               "repeats": args.repeats, "mmcl_s_per_step": m, "plain_s_per_step": p, "ratio": m / p,
               "mmcl_all": mmcl_times, "plain_all": plain_times, "threads": torch.get_num_threads()}
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
-    (out / "bench_overhead.json").write_text(json.dumps(result, indent=2))
     table = ("| task | backbone | batch | steps | mmcl s/step | plain s/step | ratio mmcl/plain |\n"
              "|---|---|---:|---:|---:|---:|---:|\n"
              f"| {args.task} | {args.backbone} | {args.batch_size} | {steps} | {m:.4f} | {p:.4f} | {m / p:.3f} |\n")
-    (out / "bench_overhead.md").write_text(table)
+    write_benchmark(args.out, "bench_overhead", result, table)
     print(table)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from mmcl.reporting import write_benchmark  # noqa: E402
 
 METHODS = {  # label -> run settings
     "coda_prompt": {"baseline": "coda_prompt"},
@@ -135,10 +136,7 @@ def main() -> None:
     table = (f"{args.task} · vit (width {v['embed_dim']}, depth {v['depth']}), CIL, last task, batch {args.batch_size}, "
              f"median of {args.steps} steps, {rows[0]['device']}, {rows[0]['threads']} thread(s)\n\n"
              + "\n".join(lines) + "\n")
-    out_dir = Path(args.out)
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / "bench_prompts.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    (out_dir / "bench_prompts.md").write_text(table)
+    write_benchmark(args.out, "bench_prompts", {"args": vars(args), "rows": rows}, table)
     print(table)
 
 

@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from mmcl.reporting import write_benchmark  # noqa: E402
 SETTINGS = [(1, "no"), (1, "bf16"), (2, "no"), (2, "bf16")]
 
 
@@ -102,11 +103,8 @@ def main() -> None:
                      f"{r['max_rss_mb'] / base['max_rss_mb']:.2f} |")
     table = (f"{args.task} · {args.backbone} · finetune, global batch {args.global_batch}, median of {args.steps} steps, "
              f"{os.cpu_count()} CPU cores\n\n" + "\n".join(lines) + "\n")
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
-    (out / "bench_scale.json").write_text(json.dumps({"args": vars(args), "rows": [
-        dict(r, setting=f"{p}x{m}") for (p, m), r in rows.items()]}, indent=2))
-    (out / "bench_scale.md").write_text(table)
+    write_benchmark(args.out, "bench_scale", {"args": vars(args), "rows": [
+        dict(r, setting=f"{p}x{m}") for (p, m), r in rows.items()]}, table)
     print(table)
 
 

@@ -17,6 +17,7 @@ from mmcl.reporting import (
     load_metrics,
     plot_accuracy_matrix,
     results_markdown,
+    write_benchmark,
     write_json_atomic,
     write_report,
     write_text_atomic,
@@ -231,6 +232,19 @@ def test_write_text_atomic_failure_during_replace_cleans_up(tmp_path, monkeypatc
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["results.md"]
     assert (path.stat().st_mode & 0o777) == 0o644
+
+
+def test_write_benchmark_writes_both_files_and_keeps_them_on_a_bad_result(tmp_path):
+    out = tmp_path / "bench" / "nested"  # created on demand
+    stem = write_benchmark(out, "bench_x", {"rows": [{"step_s": np.float64(0.25)}]}, "| a |\n")
+    assert stem == out / "bench_x"
+    assert json.loads((out / "bench_x.json").read_text()) == {"rows": [{"step_s": 0.25}]}
+    assert (out / "bench_x.md").read_text() == "| a |\n"
+    with pytest.raises(TypeError):
+        write_benchmark(out, "bench_x", {"rows": object()}, "| b |\n")
+    assert json.loads((out / "bench_x.json").read_text()) == {"rows": [{"step_s": 0.25}]}
+    assert (out / "bench_x.md").read_text() == "| a |\n"  # the JSON failed first: the table is untouched too
+    assert sorted(os.listdir(out)) == ["bench_x.json", "bench_x.md"]
 
 
 # -- report ------------------------------------------------------------------------------------------

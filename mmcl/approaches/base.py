@@ -81,6 +81,12 @@ class Approach(nn.Module):
         self._collate = collate
 
     @property
+    def world(self) -> tuple[int, int]:
+        """(number of processes, this process's index); (1, 0) before the engine binds an accelerator."""
+        acc = self._accelerator
+        return (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 

@@ -235,8 +235,7 @@ class DyTox(Approach):
         rng = np.random.default_rng(self.cfg.seed + 104729 * task.id)
         # Every process holds the same memory and runs this same loop on the global batch (no DDP
         # wrapper here), so k processes fine-tune exactly as one process with k x the batch does.
-        acc = self._accelerator
-        bs = self.cfg.train_batch_size * (acc.num_processes if acc is not None else 1)
+        bs = self.cfg.train_batch_size * self.world[0]
         m.train()
         for _ in range(self.cfg.dytox_finetune_epochs):
             order = rng.permutation(len(data))

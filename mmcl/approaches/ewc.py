@@ -54,9 +54,9 @@ class EWC(Approach):
             count += n
         self.model.zero_grad(set_to_none=True)
         self.model.train(was_training)
-        acc = self._accelerator
-        if acc is not None and acc.num_processes > 1:
+        if self.world[0] > 1:
             # each rank saw its shard: sum the sums, then divide by the global count
+            acc = self._accelerator
             fisher = {n: acc.reduce(f, reduction="sum") for n, f in fisher.items()}
             count = acc.reduce(count, reduction="sum")
         return {n: f / count.clamp_min(1) for n, f in fisher.items()}

@@ -33,8 +33,7 @@ class Replay(Approach):
 
         Every process draws the same global batch of n x processes rows and takes its own slice, so
         k processes replay what one process with k x the batch would."""
-        acc = self._accelerator
-        world, rank = (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+        world, rank = self.world
         refs = self.memory.sample(n * world, self._rng)[rank * n:(rank + 1) * n]
         return self.batches_from_refs(refs) if refs else []
 
