@@ -96,6 +96,29 @@ def test_distillation_weight_is_old_over_seen_classes(tmp_path):
     torch.testing.assert_close(loss, (1 - 2 / 4) * bce, rtol=1e-5, atol=1e-6)
 
 
+def test_distillation_is_the_elementwise_mean_kl_on_old_classes_and_new_tokens_start_fresh(tmp_path):
+    engine = dytox_engine(tmp_path, dytox_div_weight=0.0)
+    approach, m = engine.approach, engine.approach.model
+    engine.train_task(engine.seq[0])
+    task = engine.seq[1]
+    approach.before_task(task)
+    assert not torch.equal(m.task_tokens[1], m.task_tokens[0])  # its own initialisation, not a copy
+    old = approach._old[0]
+    with torch.no_grad():  # move the old model away from the new one: KD is no longer 0
+        for p in old.heads[0].parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    batch = next(iter(engine.loader(approach.train_dataset(task), 16, shuffle=False)))
+    m.eval()
+    loss = approach.training_step(batch, task)
+    logits = m.logits(m.embeddings(batch, [0, 1])).float()
+    bce = F.binary_cross_entropy_with_logits(logits, F.one_hot(batch["labels"], 4).float())
+    p_old = F.softmax(old.logits(old.embeddings(batch, [0])).float(), -1)
+    log_q = F.log_softmax(logits[:, :2], -1)
+    kd = (p_old * (p_old.log() - log_q)).sum(-1).mean() / 2  # per-example KL over 2 old classes
+    assert kd > 1e-3
+    torch.testing.assert_close(loss, (1 - 2 / 4) * bce + 2 / 4 * kd, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("scenario", ["cil", "til"])
 def test_inference_shapes_follow_classes_and_tasks(tmp_path, scenario):
     engine = dytox_engine(tmp_path, scenario=scenario)

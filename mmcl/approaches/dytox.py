@@ -11,9 +11,12 @@ Data flow for a batch of images while learning task t:
     tasks 0..t are concatenated (CIL: all classes seen; TIL: only the tested task's head).
 
 Loss (t > 0): (1 - lambda) BCE(sigmoid logits, one-hot) + lambda KD + 0.1 divergence, with
-  lambda = old classes / classes seen, KD = KL(softmax(old model's old logits) || softmax(new
-  model's old logits)) at temperature 1, and the divergence head (LayerNorm + Linear on e_t)
-  classifying the new task's classes plus one "old" class. Task 0: BCE alone.
+  lambda = old classes / classes seen; KD = KL(softmax(old model's old logits) || softmax(new
+  model's old logits)) at temperature 1, averaged over examples and old classes as the reference
+  code does (its elementwise mean: the per-example KL counts 1 / old classes); the divergence head
+  (LayerNorm + Linear on e_t) classifies the new task's classes plus one "old" class with the same
+  sigmoid BCE. Task 0: BCE alone.
+Each new task token starts from a fresh truncated normal (std 0.02), as in the reference code.
 While task t trains, the tokens and heads of earlier tasks are frozen; the encoder and the TAB
 are shared and trained (the distillation holds them near the previous model).
 
@@ -84,7 +87,8 @@ class DyToxModel(nn.Module):
         self.tab = TaskAttentionBlock(dim, heads)
         # one token per task, each its own parameter: earlier ones are frozen while later tasks train
         self.task_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, 1, dim)) for _ in layout)
-        nn.init.trunc_normal_(self.task_tokens[0], std=0.02)
+        for token in self.task_tokens:
+            nn.init.trunc_normal_(token, std=0.02)
         self.heads = nn.ModuleList(classifier(dim, n) for n in layout)
         self.divergence = nn.ModuleList(classifier(dim, n + 1) for n in layout)  # new classes + "old"
         self.layout = list(layout)
@@ -164,8 +168,6 @@ class DyTox(Approach):
         self.tasks_seen = max(self.tasks_seen, task.id + 1)
         m = self.model
         if task.id > 0:
-            with torch.no_grad():  # the new token starts from the previous one, as in the paper's code
-                m.task_tokens[task.id].copy_(m.task_tokens[task.id - 1])
             self._old = [frozen_copy(m)]
         for j in range(len(self.seq)):
             trainable = j == task.id
@@ -186,11 +188,12 @@ class DyTox(Approach):
         with torch.no_grad():
             old = self._old[0]
             old_logits = old.logits(old.embeddings(batch, list(range(t)))).float()
-        kd = F.kl_div(F.log_softmax(logits[:, :old_classes], -1), F.softmax(old_logits, -1), reduction="batchmean")
+        kd = F.kl_div(F.log_softmax(logits[:, :old_classes], -1), F.log_softmax(old_logits, -1),
+                      reduction="mean", log_target=True)
         lam = distillation_weight(old_classes, seen)
         new = targets >= old_classes
         div_targets = torch.where(new, targets - old_classes, torch.full_like(targets, m.layout[t]))
-        div = F.cross_entropy(m.divergence[t](emb[:, t]).float(), div_targets)
+        div = one_hot_bce(m.divergence[t](emb[:, t]).float(), div_targets)
         return (1 - lam) * bce + lam * kd + self.cfg.dytox_div_weight * div
 
     @torch.no_grad()
