@@ -37,6 +37,8 @@ class RunConfig:
     momentum: float = 0.0  # sgd only
     learning_rate: float = 1e-3
     head_lr: float | None = None  # classifier heads' learning rate (None: learning_rate)
+    # linear scaling rule: every learning rate x global batch / this (DyTox: lr 5e-4 at 512); None: as given
+    lr_reference_batch: int | None = None
     weight_decay: float = 0.0
     train_batch_size: int = 32
     eval_batch_size: int = 128
@@ -137,12 +139,23 @@ class RunConfig:
         "buffer": Memory.strategies,
     }
 
+    def with_batch_scaled_lr(self, num_processes: int) -> "RunConfig":
+        """A copy whose learning rates follow --lr_reference_batch for this global batch (itself when unset).
+
+        The approaches and the optimiser take their rates from it, so k processes learn at k times the rate
+        of one process, as the paper's rule asks; config.yaml keeps the rates as given."""
+        if self.lr_reference_batch is None:
+            return self
+        scale = self.train_batch_size * num_processes / self.lr_reference_batch
+        head_lr = None if self.head_lr is None else self.head_lr * scale
+        return dataclasses.replace(self, learning_rate=self.learning_rate * scale, head_lr=head_lr)
+
     def validate(self) -> "RunConfig":
         """Fail before any work starts, naming the flag."""
         for name, choices in self.CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, got '{getattr(self, name)}'")
-        for name in ("head_lr", "ctr_ksm_lr_scale", "dytox_finetune_lr_scale"):
+        for name in ("head_lr", "ctr_ksm_lr_scale", "dytox_finetune_lr_scale", "lr_reference_batch"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("num_train_epochs", "learning_rate", "train_batch_size", "eval_batch_size", "max_seq_length",

@@ -178,7 +178,8 @@ class Engine:
         if not self.scenario.task_boundaries and self.accelerator.num_processes > 1:
             raise ValueError(f"--scenario {self.scenario.name} is one stream seen in order: run it in one process "
                              f"(python run.py), not {self.accelerator.num_processes}")
-        self.approach: Approach = approach_cls(self.backbone, self.seq, self.scenario, cfg)
+        run_cfg = cfg.with_batch_scaled_lr(self.accelerator.num_processes)
+        self.approach: Approach = approach_cls(self.backbone, self.seq, self.scenario, run_cfg)
         self.approach.to(self.accelerator.device)
         self.approach.bind(self.accelerator, self.collate)
         self.matrix = AccuracyMatrix(len(self.seq), [t.name for t in self.seq])
@@ -270,7 +271,7 @@ class Engine:
         set_seed(cfg.seed + task.id)
         approach.before_task(task)
         loader = self.loader(approach.train_dataset(task), cfg.train_batch_size, shuffle=True, seed=cfg.seed + task.id)
-        optimizer = make_optimizer(cfg, approach.parameter_groups())
+        optimizer = make_optimizer(approach.cfg, approach.parameter_groups())  # its rates: --lr_reference_batch
         params = [p for g in optimizer.param_groups for p in g["params"]]
         epochs = cfg.num_train_epochs * task.info.get("epoch_multiplier", 1.0)
         total = max(1, math.ceil(len(loader) * epochs))

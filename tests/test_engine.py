@@ -180,3 +180,25 @@ def test_no_checkpoint_is_loaded_with_pickle():
         if re.search(r"allow_pickle\s*=\s*True", text):
             offenders.append(f"{path}: allow_pickle=True")
     assert not offenders, offenders
+
+
+def test_lr_reference_batch_scales_every_rate_with_the_global_batch(tmp_path, monkeypatch):
+    import mmcl.engine as engine_mod
+
+    cfg = tiny_config(tmp_path, lr_reference_batch=64, head_lr=1e-2, num_train_epochs=1)  # batch 16
+    assert cfg.with_batch_scaled_lr(2).learning_rate == pytest.approx(3e-3 * 32 / 64)  # two processes: 2 x 16
+    assert cfg.with_batch_scaled_lr(2).head_lr == pytest.approx(1e-2 * 32 / 64)
+    unscaled = tiny_config(tmp_path)
+    assert unscaled.with_batch_scaled_lr(4) is unscaled  # unset: the rates as given
+    with pytest.raises(ValueError, match="--lr_reference_batch"):
+        tiny_config(tmp_path, lr_reference_batch=0).validate()
+
+    seen = []
+    real = engine_mod.make_optimizer
+    monkeypatch.setattr(engine_mod, "make_optimizer", lambda c, p: seen.append(real(c, p)) or seen[-1])
+    engine = Engine(cfg, sequence=synthetic_image_sequence(num_tasks=2))
+    engine.setup()
+    engine.train_task(engine.seq[0])
+    rates = sorted({g["initial_lr"] if "initial_lr" in g else g["lr"] for g in seen[0].param_groups})
+    assert rates == pytest.approx([3e-3 / 4, 1e-2 / 4])  # one process, 16 / 64: backbone and heads alike
+    assert engine.cfg.learning_rate == 3e-3  # what config.yaml records stays as given
