@@ -15,6 +15,10 @@ SCRIPT = str(Path(__file__).with_name("distributed_runs.py"))
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 APPROACHES = "finetune,ewc,replay,lwf,joint,one,dytox"
 TOLERANCE = 1.0  # accuracy points per matrix entry: only the order of floating-point reductions differs
+# DyTox trains 4 epochs then fine-tunes 20 more at lr 5e-3: the reduction-order noise can grow into one
+# flipped prediction of the 72 test examples (1.39 points). One example per entry, no more; that its
+# fine-tuning uses the global batch is tested directly in test_dytox.py.
+TOLERANCES = {"dytox": 100 / 72 + 1e-6}
 
 
 def env():
@@ -47,7 +51,7 @@ def assert_same(reference: dict, other: dict, processes: int, learned: float = 8
     for name, ref in reference.items():
         assert other[name]["processes"] == processes
         assert ref["processes"] == 1
-        np.testing.assert_allclose(other[name]["acc"], ref["acc"], atol=TOLERANCE, err_msg=name)
+        np.testing.assert_allclose(other[name]["acc"], ref["acc"], atol=TOLERANCES.get(name, TOLERANCE), err_msg=name)
         assert other[name]["evaluated"] == other[name]["test_sizes"] == ref["test_sizes"]  # no padding duplicates
         assert np.diag(ref["acc"]).min() > learned, (name, ref["acc"])  # the runs learn: the comparison means something
 

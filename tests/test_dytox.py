@@ -52,6 +52,26 @@ def test_tokens_and_heads_per_task_and_earlier_ones_stay_fixed(tmp_path, finetun
     assert any(n.startswith("tab.") for n in changed) == finetune_tab
 
 
+def test_balanced_finetune_steps_on_the_global_batch(tmp_path):
+    """k processes each run the whole fine-tuning on k x the batch: the same steps as one process."""
+    engine = dytox_engine(tmp_path, train_batch_size=4, dytox_finetune_epochs=1)
+    approach = engine.approach
+    engine.train_task(engine.seq[0])
+    approach.before_task(engine.seq[1])
+    sizes = []
+    collate = approach.batch_from_rows
+    approach.batch_from_rows = lambda rows: sizes.append(len(rows)) or collate(rows)
+
+    class TwoProcesses:
+        num_processes, process_index = 2, 1
+
+    approach._accelerator = TwoProcesses()
+    assert approach.world == (2, 1)
+    approach.balanced_finetune(engine.seq[1])
+    assert len(approach.memory) == 20
+    assert sizes == [8, 8, 4]  # every memory row once in the epoch, in batches of 2 processes x 4
+
+
 def test_herding_picks_the_example_closest_to_the_running_mean():
     torch.manual_seed(0)
     x = torch.randn(40, 6)
