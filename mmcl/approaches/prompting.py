@@ -165,8 +165,11 @@ class PromptApproach(Approach):
         return pooled(vit, vit.forward_features(batch["pixel_values"]))
 
     def prompt_features(self, batch: dict, q: torch.Tensor, task: Task | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(features for the head, auxiliary loss or None); `task` is the task being trained, None at test."""
-        raise NotImplementedError
+        """(features for the head, auxiliary loss or None); `task` is the task being trained, None at test.
+
+        The one hook each prompt method defines (coda_prompt.py, l2p.py, dualprompt.py); this base class
+        is not registered as an approach."""
+        raise NotImplementedError(f"{type(self).__name__} must define prompt_features")
 
     def training_step(self, batch: dict, task: Task) -> torch.Tensor:
         features, aux = self.prompt_features(batch, self.query(batch), task)
