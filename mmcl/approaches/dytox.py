@@ -188,8 +188,10 @@ class DyTox(Approach):
         with torch.no_grad():
             old = self._old[0]
             old_logits = old.logits(old.embeddings(batch, list(range(t)))).float()
+        # the reference's reduction="mean" (over every element), spelled out: torch warns that
+        # "mean" will come to mean "batchmean", which would weigh the term old_classes x more
         kd = F.kl_div(F.log_softmax(logits[:, :old_classes], -1), F.log_softmax(old_logits, -1),
-                      reduction="mean", log_target=True)
+                      reduction="none", log_target=True).mean()
         lam = distillation_weight(old_classes, seen)
         new = targets >= old_classes
         div_targets = torch.where(new, targets - old_classes, torch.full_like(targets, m.layout[t]))
