@@ -287,3 +287,13 @@ def test_imagenet_r_task_files_and_missing_data(tmp_path):
 
     with pytest.raises(ValueError, match="broken.jpg"):
         READERS.get("imagenet_r")(dict(num_classes=2, classes_per_task=2, image_size=8), ReaderContext(data_dir=bad))
+
+
+def test_a_prompt_method_without_prompt_features_cannot_be_built():
+    from mmcl.approaches.prompting import PromptApproach
+
+    class Incomplete(PromptApproach):
+        name = "incomplete"
+
+    with pytest.raises(TypeError, match="prompt_features"):
+        Incomplete(None, None, None, None)

@@ -14,6 +14,8 @@ so the head of earlier classes is not pushed down: CODA-Prompt, L2P and DualProm
 """
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -127,7 +129,7 @@ def orthogonal_rows(previous: torch.Tensor, n: int, generator: torch.Generator) 
     return q.T.to(previous.dtype)
 
 
-class PromptApproach(Approach):
+class PromptApproach(Approach, metaclass=ABCMeta):
     """Frozen ViT + prompts + the engine's heads; subclasses define `prompt_features`."""
 
     modalities = ("image",)
@@ -164,12 +166,12 @@ class PromptApproach(Approach):
         vit = self.vit
         return pooled(vit, vit.forward_features(batch["pixel_values"]))
 
+    @abstractmethod
     def prompt_features(self, batch: dict, q: torch.Tensor, task: Task | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(features for the head, auxiliary loss or None); `task` is the task being trained, None at test.
 
-        The one hook each prompt method defines (coda_prompt.py, l2p.py, dualprompt.py); this base class
-        is not registered as an approach."""
-        raise NotImplementedError(f"{type(self).__name__} must define prompt_features")
+        The one hook each prompt method defines (coda_prompt.py, l2p.py, dualprompt.py); a subclass
+        without it cannot be constructed (TypeError naming the method)."""
 
     def training_step(self, batch: dict, task: Task) -> torch.Tensor:
         features, aux = self.prompt_features(batch, self.query(batch), task)
