@@ -12,7 +12,7 @@ import sys
 import typing
 from pathlib import Path
 
-from mmcl.config import RunConfig, build_config
+from mmcl.config import RunConfig, build_config, resume_config
 
 HIDDEN = {"extra"}
 
@@ -71,13 +71,13 @@ def cmd_run(values: dict) -> int:
     from mmcl.engine import Engine
     from mmcl.reporting import modality_groups
 
+    changes: dict = {}
     if values.get("resume"):
-        cfg = RunConfig.load(Path(values["resume"]) / "config.yaml")
-        cfg.resume = values["resume"]
-        cfg.progress = values.get("progress", cfg.progress)
+        cfg, changes = resume_config(values["resume"], values)
     else:
         cfg = build_config(values)
     engine = Engine(cfg)
+    engine.resume_changes = changes
     matrix = engine.run()
     if engine.is_main:
         s = matrix.summary()
@@ -156,7 +156,7 @@ def cmd_eval(values: dict) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k != "command"}
-    from mmcl.engine_errors import CheckpointError
+    from mmcl.engine_errors import MmclError
     from mmcl.registry import UnknownNameError
 
     try:
@@ -170,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_push(values)
         if args.command == "eval":
             return cmd_eval(values)
-    except (ValueError, FileNotFoundError, FileExistsError, UnknownNameError, CheckpointError) as e:
+    except MmclError as e:
+        # a run that could not go on (exit 1) or input it cannot use (exit 2): one clear line, no traceback
+        print(f"mmcl: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, UnknownNameError) as e:
         # bad input: one clear line naming the flag, file or field, no traceback
         print(f"mmcl: error: {e}", file=sys.stderr)
         return 2

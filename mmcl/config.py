@@ -203,6 +203,60 @@ class RunConfig:
             return cls.from_dict(yaml.safe_load(f) or {}, source=str(path))
 
 
+# --resume keeps what the run trains. Flags that only change how it runs may be given freely; the
+# optimisation flags may change only when the run stopped on a non-finite loss (recorded in its history);
+# every other flag that differs from the run's config.yaml is an error.
+RUNTIME_FIELDS = ("progress", "save_checkpoints", "eval_batch_size", "data_dir", "cpu", "push_to_hub",
+                  "hub_model_id", "hub_private", "resume", "overwrite")
+RECOVERY_FIELDS = ("learning_rate", "head_lr", "lr_reference_batch", "optimizer", "momentum", "weight_decay",
+                   "lr_scheduler", "warmup_proportion", "clipgrad", "mixed_precision")
+
+
+def resume_config(run_dir: str | Path, given: dict[str, Any]) -> tuple[RunConfig, dict[str, list]]:
+    """The config of the run in `run_dir` with the flags `given` on the command line applied, and the
+    optimisation flags changed after a divergence ({flag: [was, now]}); a flag that would change what a
+    healthy run trains is a ResumeConflictError listing each one."""
+    import json
+
+    from mmcl.engine_errors import ResumeConflictError
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: no {path.name} there; is it an mmcl run directory?")
+    try:
+        cfg = RunConfig.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError, TypeError) as e:
+        raise ValueError(f"--resume {run_dir}: {path} is unreadable: {e}") from e
+    check_keys(given, "command line")
+    try:
+        with open(run_dir / "metrics.json", encoding="utf-8") as f:
+            failure = (json.load(f).get("meta") or {}).get("failure") or {}
+    except (OSError, ValueError, AttributeError):
+        failure = {}
+    diverged = failure.get("kind") == "non-finite"
+    changed, conflicts = {}, []
+    for key, value in given.items():
+        was = getattr(cfg, key)
+        if key in RUNTIME_FIELDS or value == was:
+            setattr(cfg, key, value)
+        elif key in RECOVERY_FIELDS and diverged:
+            changed[key] = [was, value]
+            setattr(cfg, key, value)
+        else:
+            conflicts.append(f"--{key} {value} (the run has {was})")
+    if conflicts:
+        why = ("they change what the run trains" if not any(k.split()[0][2:] in RECOVERY_FIELDS for k in conflicts)
+               else "they change what the run trains (optimisation flags may change only after the run stopped "
+                    "on a non-finite loss)")
+        raise ResumeConflictError(
+            f"--resume {run_dir}: {len(conflicts)} flag(s) differ from {path} and {why}: " + "; ".join(conflicts)
+            + f". Drop them to continue the run as it was, or start a new run. Flags --resume may change: "
+            + ", ".join(f"--{k}" for k in RUNTIME_FIELDS if k != "resume"))
+    cfg.resume = str(run_dir)
+    return cfg.validate(), changed
+
+
 def check_keys(values: dict[str, Any], source: str) -> dict[str, Any]:
     import difflib
 

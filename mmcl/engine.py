@@ -6,7 +6,6 @@ checkpoint of task t-1 continues exactly as the uninterrupted run would.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -24,11 +23,11 @@ from mmcl.config import RunConfig
 from mmcl.data import ReaderContext, load_task_sequence
 from mmcl.data.mixed import ModalityGroups
 from mmcl.data.sequence import Task, TaskSequence, check_labels, get_scenario
-from mmcl.engine_errors import CheckpointError
+from mmcl.engine_errors import CheckpointError, NonFiniteError, OutputError, RunFailed
 from mmcl.metrics import AccuracyMatrix, accuracy_and_macro_f1
-from mmcl.reporting import write_json_atomic, write_report
-
-CHECKPOINTS = "checkpoints"
+from mmcl.optim import OptimizerStep, lr_lambda, make_optimizer, make_scheduler  # noqa: F401 (re-exported)
+from mmcl.reporting import write_report
+from mmcl.rundir import CHECKPOINTS, RunDir, check_output_dir, writing  # noqa: F401
 
 
 def make_accelerator(cfg: RunConfig):
@@ -104,32 +103,6 @@ class Collator:
         return batch
 
 
-def make_optimizer(cfg: RunConfig, params: list) -> torch.optim.Optimizer:
-    """`params`: parameters or parameter groups (`Approach.parameter_groups`)."""
-    # A fresh optimiser per task: no moment estimates leak from one task into the next.
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"--optimizer must be one of {', '.join(RunConfig.CHOICES['optimizer'])}, got '{cfg.optimizer}'")
-
-
-def lr_lambda(kind: str, total: int, warmup: int):
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "linear":
-            return 1.0 - progress
-        if kind == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        raise ValueError(f"--lr_scheduler must be one of {', '.join(RunConfig.CHOICES['lr_scheduler'])}, got '{kind}'")
-
-    return f
-
-
 class Engine:
     def __init__(self, cfg: RunConfig, accelerator=None, sequence: TaskSequence | None = None) -> None:
         self.cfg = cfg
@@ -137,7 +110,9 @@ class Engine:
         self.accelerator = accelerator or make_accelerator(cfg)
         self.is_main = self.accelerator.is_main_process
         self.run_dir: Path | None = None
-        self.log_path: Path | None = None
+        self.rundir: RunDir | None = None
+        self.resume_changes: dict[str, list] = {}  # flags --resume changed after a failure (cli.resume_config)
+        self.history: list[dict] = []  # failures and resumes of this run directory, oldest first
         self.eval_counts: dict[tuple[int, str], int] = {}  # (task, split) -> examples in the latest evaluation
 
     # -- set-up --------------------------------------------------------------------------
@@ -147,10 +122,7 @@ class Engine:
         cfg = self.cfg.validate()
         set_seed(cfg.seed)
         ctx = reader_context(cfg)
-        self.scenario = get_scenario(cfg.scenario)
-        cfg.scenario = self.scenario.name
-        approach_cls = APPROACHES.get(cfg.baseline)
-        cfg.baseline = approach_cls.name
+        approach_cls = self.canonical_names()
         if self._given_sequence is not None:
             self.seq = self._given_sequence
         else:
@@ -187,7 +159,17 @@ class Engine:
             self.matrix.til_acc = np.full((len(self.seq), len(self.seq)), np.nan)
         self.minutes: list[float] = []
 
-    def make_run_dir(self) -> Path:
+    def canonical_names(self):
+        """Scenario and approach under their registry names (aliases resolved); the approach class."""
+        self.scenario = get_scenario(self.cfg.scenario)
+        self.cfg.scenario = self.scenario.name
+        approach_cls = APPROACHES.get(self.cfg.baseline)
+        self.cfg.baseline = approach_cls.name
+        return approach_cls
+
+    def make_run_dir(self) -> bool:
+        """Create (or, with --resume, reopen) the run directory and write config.yaml: before any data is
+        read, so an output directory that cannot be written fails at once. True if this call created it."""
         from accelerate.utils import broadcast_object_list
 
         cfg = self.cfg
@@ -197,6 +179,7 @@ class Engine:
             name = cfg.run_name or f"{Path(cfg.task).stem}-{cfg.backbone.replace('/', '_')}-{cfg.baseline}-{time.strftime('%Y%m%d-%H%M%S')}"
             path = Path(cfg.output_dir) / name
         path = Path(broadcast_object_list([str(path)])[0])  # one name for all processes
+        created = not path.exists()
         if not cfg.resume and (path / "metrics.json").exists():
             if not cfg.overwrite:
                 raise FileExistsError(
@@ -207,11 +190,11 @@ class Engine:
                 shutil.rmtree(path)
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            path.mkdir(parents=True, exist_ok=True)
-            cfg.save(path / "config.yaml")
+            check_output_dir(path, "--resume" if cfg.resume else "--output_dir")
         self.run_dir = path
-        self.log_path = path / "log.jsonl"
-        return path
+        self.rundir = RunDir(path, self.is_main)
+        self.rundir.write_config(cfg)
+        return created
 
     # -- data ----------------------------------------------------------------------------
     def loader(self, dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -275,10 +258,10 @@ class Engine:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         epochs = cfg.num_train_epochs * task.info.get("epoch_multiplier", 1.0)
         total = max(1, math.ceil(len(loader) * epochs))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(cfg.lr_scheduler, total, int(cfg.warmup_proportion * total))
-        )
+        scheduler = make_scheduler(optimizer, cfg.lr_scheduler, total, cfg.warmup_proportion)
         model, optimizer, scheduler = acc.prepare(approach, optimizer, scheduler)
+        step_once = OptimizerStep(optimizer, params, accelerator=acc, scheduler=scheduler, clipgrad=cfg.clipgrad,
+                                  before_step=approach.before_optimizer_step, after_step=approach.after_optimizer_step)
         num_epochs = math.ceil(epochs)
         best, best_state = -1.0, None
         step = 0
@@ -290,22 +273,19 @@ class Engine:
             for i, batch in enumerate(loader):
                 if i >= steps_this_epoch:
                     break
-                approach.progress.__init__(epoch, num_epochs, i, steps_this_epoch, step)
+                approach.progress.update(epoch, num_epochs, i, steps_this_epoch, step)
                 loss = model(batch)
-                acc.backward(loss)
-                approach.before_optimizer_step()
-                if cfg.clipgrad:
-                    acc.clip_grad_norm_(params, cfg.clipgrad)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                approach.after_optimizer_step()
+                step_once(loss, lambda: {"task": f"{task.id} ({task.name})", "epoch": f"{epoch + 1} of {num_epochs}",
+                                         "step": f"{i + 1} of {steps_this_epoch} (step {step + 1} of {total} in the task)"})
                 step += 1
-                running += loss.item()
+                value = loss.item()
+                running += value
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{value:.4f}")
             record: dict[str, Any] = {"event": "epoch", "task": task.id, "epoch": epoch,
                                       "loss": running / max(1, steps_this_epoch)}
+            if step_once.skipped:
+                record["skipped_steps"] = step_once.skipped  # fp16 grad-scaler overflows, not errors
             if cfg.select_best and num_epochs > 1:
                 valid_acc = self.evaluate_task(task, "valid")[0]
                 record["valid_acc"] = valid_acc
@@ -321,7 +301,7 @@ class Engine:
         approach.after_task(task, self.loader(task.train, cfg.train_batch_size, shuffle=False))
         # drop this task's DDP wrapper, optimiser and loaders: one per task would pile up (gradient
         # buckets), and DDP reducers freed only at exit, after the process group, abort under gloo
-        del model, optimizer, scheduler
+        del model, optimizer, scheduler, step_once
         acc.free_memory()
 
     def train_stream(self, task: Task) -> None:
@@ -338,10 +318,14 @@ class Engine:
         loader = self.loader(task.train, cfg.online_batch_size, shuffle=True, seed=cfg.seed + task.id)
         approach.train()
         losses = []
-        for batch in loader:
+        for i, batch in enumerate(loader):
             # no autocast here: the learner takes several optimiser steps per batch, and autocast caches
-            # the low-precision weights for the whole region, so it wraps each step itself (`step_context`)
-            loss = approach.observe(hide_task(batch))
+            # the low-precision weights for the whole region, so it wraps each step itself (`Approach.autocast`)
+            try:
+                loss = approach.observe(hide_task(batch))
+            except NonFiniteError as e:  # the learner knows its step; the stream position is the engine's
+                e.where = {"segment": f"{task.id} ({task.name})", "stream batch": f"{i + 1} of {len(loader)}", **e.where}
+                raise NonFiniteError(e.what, e.value, e.where) from e
             if loss is not None:
                 losses.append(float(loss))
         self.log({"event": "stream", "segment": task.id, "batches": len(loader),
@@ -350,16 +334,15 @@ class Engine:
 
     # -- output ----------------------------------------------------------------------------
     def log(self, record: dict) -> None:
-        if self.is_main and self.log_path is not None:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.rundir is not None:
+            self.rundir.log(record)
 
     def meta(self) -> dict[str, Any]:
         from mmcl import __version__
 
         n_params = sum(p.numel() for p in self.approach.parameters())
         n_train = sum(p.numel() for p in self.approach.parameters_to_train() if p.requires_grad)
-        return {
+        meta = {
             "task_sequence": self.seq.name, "tasks": [t.name for t in self.seq],
             "modalities": [t.modality for t in self.seq], "classes": [t.classes for t in self.seq],
             "image_shape": list(self.spec.image_shape) if self.spec.image_shape else None,
@@ -368,57 +351,54 @@ class Engine:
             "mixed_precision": self.cfg.mixed_precision, "parameters": n_params, "trainable_parameters": n_train,
             "minutes_per_task": self.minutes, "minutes": round(sum(self.minutes), 3), "mmcl_version": __version__,
         }
+        if self.history:
+            meta["history"] = self.history
+        return meta
 
     def checkpoint(self, t: int) -> None:
-        if not (self.is_main and self.cfg.save_checkpoints):
+        if not self.cfg.save_checkpoints:
             return
-        from safetensors.torch import save_model
-
-        root = self.run_dir / CHECKPOINTS
-        final, tmp = root / f"task_{t}", root / f".task_{t}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_model(self.accelerator.unwrap_model(self.approach), str(tmp / "model.safetensors"))
         state = {"task": t, "num_tasks": len(self.seq), "approach": self.cfg.baseline, "backbone": self.cfg.backbone,
                  "scenario": self.scenario.name, "task_sequence": self.seq.name,
-                 "extra": self.approach.extra_state(), "matrix": self.matrix.to_dict(), "minutes": self.minutes}
-        write_json_atomic(tmp / "state.json", state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # a checkpoint directory either exists whole or not at all
+                 "tasks": [task.name for task in self.seq],
+                 "extra": self.approach.extra_state(), "matrix": self.matrix.to_dict(), "minutes": self.minutes,
+                 "history": self.history}
+        self.rundir.save_checkpoint(t, self.accelerator.unwrap_model(self.approach), state)
 
     def restore(self) -> int:
         """Load the newest complete checkpoint; return the first task still to train."""
-        root = self.run_dir / CHECKPOINTS
-        done = sorted((int(p.name.split("_")[1]) for p in root.glob("task_*") if (p / "state.json").is_file()),
-                      reverse=True) if root.is_dir() else []
-        if not done:
-            return 0
-        path = root / f"task_{done[0]}"
-        try:
-            with open(path / "state.json") as f:
-                state = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"checkpoint '{path / 'state.json'}' is unreadable: {e}") from e
-        expected = {"num_tasks": len(self.seq), "approach": self.cfg.baseline, "scenario": self.scenario.name}
-        wrong = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
-        if wrong:
-            raise CheckpointError(f"checkpoint '{path}' does not belong to this run: {wrong} (found, expected)")
-        # extra state first: an approach that grows (LEViT's experts) rebuilds its modules before the weights load
-        self.approach.load_extra_state(state["extra"])
-        load_approach_weights(self.accelerator.unwrap_model(self.approach), path / "model.safetensors")
-        self.matrix = AccuracyMatrix.from_dict(state["matrix"])
-        self.minutes = list(state.get("minutes", []))
-        return state["task"] + 1
-
-    def report(self) -> None:
-        if self.is_main:
-            write_report(self.run_dir, self.matrix, self.meta())
+        earlier = self.rundir.previous_metrics().get("meta") or {}
+        self.history = list(earlier.get("history") or [])
+        path = self.rundir.last_checkpoint()
+        start = 0
+        if path is not None:
+            state = self.rundir.read_state(path)
+            expected = {"num_tasks": len(self.seq), "approach": self.cfg.baseline, "scenario": self.scenario.name,
+                        "backbone": self.cfg.backbone, "task_sequence": self.seq.name,
+                        "tasks": [t.name for t in self.seq]}
+            wrong = {k: (state.get(k), v) for k, v in expected.items() if k in state and state.get(k) != v}
+            if wrong:
+                raise CheckpointError(f"checkpoint '{path}' does not belong to this run: {wrong} (found, expected)")
+            # extra state first: an approach that grows (LEViT's experts) rebuilds its modules before the weights load
+            self.approach.load_extra_state(state["extra"])
+            load_approach_weights(self.accelerator.unwrap_model(self.approach), path / "model.safetensors")
+            self.matrix = AccuracyMatrix.from_dict(state["matrix"])
+            self.minutes = list(state.get("minutes", []))
+            start = state["task"] + 1
+        self.history.append({"event": "resumed", "from_task": start, "changed": self.resume_changes})
+        return start
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> AccuracyMatrix:
-        self.setup()
-        self.make_run_dir()
+        self.cfg.validate()
+        self.canonical_names()
+        created = self.make_run_dir()
+        try:
+            self.setup()
+        except BaseException:
+            if created and self.is_main and {p.name for p in self.run_dir.iterdir()} <= {"config.yaml"}:
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # nothing but our own config.yaml: leave no trace
+            raise
         start = self.restore() if self.cfg.resume else 0
         if start == 0 and not self.scenario.global_labels:
             # b_u for FWT: the untrained model on each task (not defined for CIL: unseen classes cannot be predicted)
@@ -426,18 +406,51 @@ class Engine:
         # a task-free scenario streams each task's examples to the learner with the task hidden; the rows of
         # the accuracy matrix are still filled, and checkpoints written, at the (hidden) task boundaries
         learn = self.train_task if self.scenario.task_boundaries else self.train_stream
-        for task in self.seq.tasks[start:]:
-            t0 = time.time()
-            learn(task)
-            self.minutes.append(round((time.time() - t0) / 60, 4))
-            acc_row, f1_row, til_row = self.evaluate_all()
-            self.matrix.set_row(task.id, acc_row, f1_row, til_row)
-            self.log({"event": "task_done", "task": task.id, "acc": acc_row, "macro_f1": f1_row, "til_acc": til_row})
-            self.report()
-            self.checkpoint(task.id)
+        try:
+            for task in self.seq.tasks[start:]:
+                t0 = time.time()
+                learn(task)
+                self.minutes.append(round((time.time() - t0) / 60, 4))
+                acc_row, f1_row, til_row = self.evaluate_all()
+                self.matrix.set_row(task.id, acc_row, f1_row, til_row)
+                self.log({"event": "task_done", "task": task.id, "acc": acc_row, "macro_f1": f1_row, "til_acc": til_row})
+                self.report()
+                self.checkpoint(task.id)
+        except NonFiniteError as e:
+            raise self.fail("non-finite", str(e), e.where) from e
+        except OutputError as e:
+            raise self.fail("output", str(e), {}) from e
         self.accelerator.wait_for_everyone()
         return self.matrix
 
+    def fail(self, kind: str, message: str, where: dict) -> RunFailed:
+        """Mark the run failed in metrics.json and results.md (no result is claimed) and build the error."""
+        last = self.rundir.last_checkpoint()
+        if last is not None:
+            done = int(last.name.split("_")[1])
+            resume = (f"last good checkpoint: {last} (tasks 0..{done} finished); `mmcl run --resume {self.run_dir}` "
+                      f"continues from task {done + 1}")
+        else:
+            resume = (f"no task finished, so there is no checkpoint; `mmcl run --resume {self.run_dir}` "
+                      f"starts again from task 0")
+        if kind == "non-finite":
+            resume += " (with, say, a lower --learning_rate: a run that diverged may change its optimisation flags)"
+        full = f"{message}. The run stopped and {self.run_dir / 'metrics.json'} marks it failed; {resume}"
+        reason = {"kind": kind, "message": full, **{k: str(v) for k, v in where.items()},
+                  "last_checkpoint": str(last) if last else None}
+        self.history.append({"event": "failed", **reason})
+        if self.is_main:
+            try:  # best effort: on a full disk even this may not fit; the error below still says everything
+                self.log({"event": "failed", **reason})
+                write_report(self.run_dir, self.matrix, {**self.meta(), "status": "failed", "failure": reason})
+            except Exception:  # noqa: BLE001
+                pass
+        return RunFailed(full, reason)
+
+    def report(self) -> None:
+        if self.is_main:
+            with writing(self.run_dir / "metrics.json"):
+                write_report(self.run_dir, self.matrix, self.meta())
 
 def load_approach_weights(approach: torch.nn.Module, file: Path) -> None:
     """safetensors only (never pickle); a clear error when the file is corrupt or does not fit."""

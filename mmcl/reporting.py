@@ -20,7 +20,7 @@ from mmcl.metrics import AccuracyMatrix
 
 __all__ = [
     "METRICS_FILE", "RESULTS_FILE", "PLOT_FILE",
-    "load_metrics", "plot_accuracy_matrix", "results_markdown", "write_benchmark", "write_json_atomic",
+    "load_metrics", "plot_accuracy_matrix", "results_markdown", "run_status", "write_benchmark", "write_json_atomic",
     "write_report", "write_text_atomic",
 ]
 
@@ -160,6 +160,8 @@ def _meta_lines(meta: dict[str, Any]) -> list[str]:
         if meta.get(key) is not None:
             lines.append(f"- **{label}**: {_meta_value(key, meta[key])}")
     for key, v in meta.items():
+        if key in ("status", "failure", "history"):
+            continue  # shown in their own place
         # Unknown scalars are shown as-is; unknown containers (class lists of 200 names...) would drown the page.
         if key not in known and (v is None or isinstance(v, (str, int, float, bool))):
             lines.append(f"- **{key}**: {_fmt(v)}")
@@ -184,14 +186,25 @@ def results_markdown(matrix: AccuracyMatrix, title: str, meta: dict[str, Any],
     names = matrix.task_names
     k = s["tasks_done"]
     lines = [f"# {title}", ""]
+    failed = run_status(matrix, meta) == "failed"
+    if failed:
+        # A failed run has no result: its finished rows stay for diagnosis, without the summary scalars
+        # that would read as one.
+        failure = meta.get("failure") or {}
+        lines += [f"> **FAILED — not a result.** {_cell(failure.get('message', 'the run stopped'))}", ">",
+                  f"> Tasks finished before the failure: {k} / {matrix.T}. Their rows are shown below for "
+                  "diagnosis only; no summary metric is reported.", ""]
     lines += _meta_lines(meta)
-    status = "complete" if k == matrix.T else "partial run: scalars over the tasks finished so far"
-    lines += ["", f"Tasks done: **{k} / {matrix.T}** ({status}).", "", "## Summary", ""]
-    rows = [[label, f"`{key}`", _fmt(s[key])] for key, label in _SUMMARY_ROWS
-            if key != "til_acc_final" or matrix.til_acc is not None]
-    lines += _table(["metric", "key in metrics.json", "value"], rows)
+    if meta.get("history"):
+        lines += ["", "History:", ""] + [f"- {_history_line(h)}" for h in meta["history"]]
+    if not failed:
+        status = "complete" if k == matrix.T else "partial run: scalars over the tasks finished so far"
+        lines += ["", f"Tasks done: **{k} / {matrix.T}** ({status}).", "", "## Summary", ""]
+        rows = [[label, f"`{key}`", _fmt(s[key])] for key, label in _SUMMARY_ROWS
+                if key != "til_acc_final" or matrix.til_acc is not None]
+        lines += _table(["metric", "key in metrics.json", "value"], rows)
 
-    if groups:
+    if groups and not failed:
         lines += ["", "## Per group", ""]
         g = matrix.group_summary(groups)
         header = ["group", "tasks", "ACC (%)", "BWT"]
@@ -217,6 +230,22 @@ def results_markdown(matrix: AccuracyMatrix, title: str, meta: dict[str, Any],
                   "The same CIL predictions restricted to each task's own classes.", ""]
         lines += _matrix_table(matrix.til_acc, names)
     return "\n".join(lines) + "\n"
+
+
+def run_status(matrix: AccuracyMatrix, meta: dict[str, Any]) -> str:
+    """complete | partial (tasks still to train: running or interrupted) | failed (stopped by an error)."""
+    if meta.get("status") == "failed":
+        return "failed"
+    return "complete" if matrix.rows_done == matrix.T else "partial"
+
+
+def _history_line(h: dict[str, Any]) -> str:
+    if h.get("event") == "failed":
+        return f"failed: {h.get('message', '')}"
+    if h.get("event") == "resumed":
+        changed = ", ".join(f"--{k} {v[0]} → {v[1]}" for k, v in (h.get("changed") or {}).items())
+        return f"resumed at task {h.get('from_task')}" + (f" with {changed}" if changed else "")
+    return json.dumps(h)
 
 
 # -- plot ------------------------------------------------------------------------------------------
@@ -312,8 +341,11 @@ def write_report(run_dir: str | os.PathLike, matrix: AccuracyMatrix, meta: dict[
     run_dir.mkdir(parents=True, exist_ok=True)
     if groups is None:
         groups = modality_groups(meta.get("modalities"))
-    doc: dict[str, Any] = {"summary": matrix.summary(), "matrix": matrix.to_dict(), "meta": meta}
-    if groups:
+    status = run_status(matrix, meta)
+    # A failed run's metrics.json holds no summary, so no script can take its partial numbers for a result.
+    doc: dict[str, Any] = {"status": status, "summary": None if status == "failed" else matrix.summary(),
+                           "matrix": matrix.to_dict(), "meta": meta}
+    if groups and status != "failed":
         doc["group_summary"] = matrix.group_summary(groups)
     write_json_atomic(run_dir / METRICS_FILE, doc)
     title = " · ".join(str(meta[k]) for k in ("task_sequence", "backbone", "approach") if meta.get(k)) or run_dir.name

@@ -62,8 +62,13 @@ def test_balanced_finetune_steps_on_the_global_batch(tmp_path):
     collate = approach.batch_from_rows
     approach.batch_from_rows = lambda rows: sizes.append(len(rows)) or collate(rows)
 
-    class TwoProcesses:
+    real = approach._accelerator
+
+    class TwoProcesses:  # the world size the approach reads; everything else is the real accelerator's
         num_processes, process_index = 2, 1
+
+        def __getattr__(self, name):
+            return getattr(real, name)
 
     approach._accelerator = TwoProcesses()
     assert approach.world == (2, 1)

@@ -32,6 +32,10 @@ class Progress:
     num_batches: int = 1
     global_step: int = 0
 
+    def update(self, epoch: int, num_epochs: int, batch: int, num_batches: int, global_step: int) -> None:
+        self.epoch, self.num_epochs, self.batch, self.num_batches, self.global_step = (
+            epoch, num_epochs, batch, num_batches, global_step)
+
 
 class Approach(nn.Module):
     name: ClassVar[str] = ""
@@ -85,6 +89,26 @@ class Approach(nn.Module):
         """(number of processes, this process's index); (1, 0) before the engine binds an accelerator."""
         acc = self._accelerator
         return (acc.num_processes, acc.process_index) if acc is not None else (1, 0)
+
+    def optimizer_step(self, optimizer, params=None, **kwargs):
+        """The one optimiser step (`mmcl.optim.OptimizerStep`) for a loop an approach runs itself (DyTox's
+        fine-tuning, the online learners): the engine's accelerator, loss scaling, --clipgrad and the
+        non-finite guard, as the task loop has them. `optimizer` should come from `prepare_optimizer`."""
+        from mmcl.optim import OptimizerStep
+
+        kwargs.setdefault("clipgrad", self.cfg.clipgrad)
+        return OptimizerStep(optimizer, params, accelerator=self._accelerator, **kwargs)
+
+    def autocast(self):
+        """The run's mixed precision for one forward pass of a loop the approach runs itself. One region
+        per step: autocast caches low-precision weights for its region, which would outlive a step."""
+        import contextlib
+
+        return self._accelerator.autocast() if self._accelerator is not None else contextlib.nullcontext()
+
+    def prepare_optimizer(self, optimizer):
+        """Wrap an approach's own optimiser as the engine's are (fp16 grad scaler); as is before `bind`."""
+        return self._accelerator.prepare_optimizer(optimizer) if self._accelerator is not None else optimizer
 
     @property
     def device(self) -> torch.device:

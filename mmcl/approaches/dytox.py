@@ -235,22 +235,25 @@ class DyTox(Approach):
             params += list(m.tab.parameters())
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=self.cfg.learning_rate * self.cfg.dytox_finetune_lr_scale)
+        opt = self.prepare_optimizer(torch.optim.AdamW(params, lr=self.cfg.learning_rate * self.cfg.dytox_finetune_lr_scale))
+        # no DDP wrapper here (see below): the step's backward must not wait for other processes' gradients
+        step = self.optimizer_step(opt, params)
         data = self.memory_rows()
         rng = np.random.default_rng(self.cfg.seed + 104729 * task.id)
         # Every process holds the same memory and runs this same loop on the global batch (no DDP
         # wrapper here), so k processes fine-tune exactly as one process with k x the batch does.
         bs = self.cfg.train_batch_size * self.world[0]
         m.train()
-        for _ in range(self.cfg.dytox_finetune_epochs):
+        steps = -(-len(data) // bs)
+        for epoch in range(self.cfg.dytox_finetune_epochs):
             order = rng.permutation(len(data))
-            for start in range(0, len(order), bs):
+            for i, start in enumerate(range(0, len(order), bs)):
                 batch = self.batch_from_rows(list(data.select(order[start:start + bs].tolist())))
-                logits = m.logits(m.embeddings(batch, list(range(task.id + 1)))).float()
+                with self.autocast():
+                    logits = m.logits(m.embeddings(batch, list(range(task.id + 1)))).float()
                 loss = one_hot_bce(logits, self.global_targets(batch))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                step(loss, {"task": f"{task.id} ({task.name})", "phase": "balanced fine-tuning",
+                            "epoch": f"{epoch + 1} of {self.cfg.dytox_finetune_epochs}", "step": f"{i + 1} of {steps}"})
         m.requires_grad_(True)  # before_task sets what the next task trains
 
     # -- inference ------------------------------------------------------------------------------

@@ -189,22 +189,17 @@ class LEViT(OnlineApproach):
         x, y = batch["pixel_values"], batch["labels"]
         loss = None
         if self.current:
-            optimizer = self.optimizer()
-            params = self.parameters_to_train()
-            for _ in range(self.cfg.online_iters):
+            step = self.stepper()
+            for k in range(self.cfg.online_iters):
                 mem = self.memory.sample(self.cfg.replay_batch_size)
                 bx, by = (torch.cat([x, mem[0]]), torch.cat([y, mem[1]])) if mem is not None else (x, y)
-                with self.step_context():
+                with self.autocast():
                     loss = self.component_loss(bx, by)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.cfg.clipgrad:
-                    torch.nn.utils.clip_grad_norm_(params, self.cfg.clipgrad)
-                optimizer.step()
+                step(loss, {"expert": len(self.components) - 1, "iteration": f"{k + 1} of {self.cfg.online_iters}"})
                 self.components[-1].steps += 1
         self.memory.add(x, y)
         if self.memory.full and int(self.memory.seen) - self.last_check >= self.memory.size:
-            with self.step_context():
+            with self.autocast():
                 self.check_expansion()
         return None if loss is None else float(loss.detach())
 

@@ -114,26 +114,20 @@ class OnlineApproach(Approach):
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         super().__init__(backbone, seq, scenario, cfg)
         self.input_shape = image_shape(backbone)
-        self._optimizer: torch.optim.Optimizer | None = None
+        self._step = None
 
-    def optimizer(self) -> torch.optim.Optimizer:
-        """One optimiser for the whole stream (no boundary says when to renew it); built on first use
-        and again after `reset_optimizer` (LEViT adds parameters)."""
-        if self._optimizer is None:
-            from mmcl.engine import make_optimizer
+    def stepper(self):
+        """One optimiser for the whole stream (no boundary says when to renew it), with its step
+        (`Approach.optimizer_step`); built on first use and again after `reset_optimizer` (LEViT adds
+        parameters)."""
+        if self._step is None:
+            from mmcl.optim import make_optimizer
 
-            self._optimizer = make_optimizer(self.cfg, self.parameter_groups())
-        return self._optimizer
+            self._step = self.optimizer_step(self.prepare_optimizer(make_optimizer(self.cfg, self.parameter_groups())))
+        return self._step
 
     def reset_optimizer(self) -> None:
-        self._optimizer = None
-
-    def step_context(self):
-        """Mixed precision for one forward pass (a fresh autocast region per step: its weight cache
-        would otherwise hold the weights from before the optimiser step)."""
-        import contextlib
-
-        return self._accelerator.autocast() if self._accelerator is not None else contextlib.nullcontext()
+        self._step = None
 
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model({"pixel_values": pixel_values})
@@ -149,16 +143,10 @@ class OnlineApproach(Approach):
 
     def observe(self, batch: dict) -> float:
         x, y = batch["pixel_values"], batch["labels"]
-        params = [p for g in self.optimizer().param_groups for p in g["params"]]
-        for _ in range(self.cfg.online_iters):
-            optimizer = self.optimizer()
-            with self.step_context():
+        for k in range(self.cfg.online_iters):
+            with self.autocast():
                 loss = self.step_loss(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.cfg.clipgrad:
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.clipgrad)
-            optimizer.step()
+            self.stepper()(loss, {"iteration": f"{k + 1} of {self.cfg.online_iters}"})
         self.after_observe(x, y)
         return float(loss.detach())
 
