@@ -153,6 +153,10 @@ def cmd_eval(values: dict) -> int:
     return 0
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())  # library messages (transformers', the hub's) span lines
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k != "command"}
@@ -172,11 +176,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_eval(values)
     except MmclError as e:
         # a run that could not go on (exit 1) or input it cannot use (exit 2): one clear line, no traceback
-        print(f"mmcl: error: {e}", file=sys.stderr)
+        print(f"mmcl: error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, UnknownNameError) as e:
         # bad input: one clear line naming the flag, file or field, no traceback
-        print(f"mmcl: error: {e}", file=sys.stderr)
+        print(f"mmcl: error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 1
 

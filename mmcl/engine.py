@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmcl.approaches import APPROACHES, Approach
-from mmcl.backbones import BackboneSpec, build_backbone
+from mmcl.backbones import BackboneSpec, build_backbone, check_backbone_name
 from mmcl.config import RunConfig
 from mmcl.data import ReaderContext, load_task_sequence
 from mmcl.data.mixed import ModalityGroups
@@ -105,7 +105,7 @@ class Collator:
 
 class Engine:
     def __init__(self, cfg: RunConfig, accelerator=None, sequence: TaskSequence | None = None) -> None:
-        self.cfg = cfg
+        self.cfg = cfg.validate()  # before the accelerator, which would reject a bad --mixed_precision its own way
         self._given_sequence = sequence  # tests and notebooks may pass a sequence instead of a task name
         self.accelerator = accelerator or make_accelerator(cfg)
         self.is_main = self.accelerator.is_main_process
@@ -165,6 +165,8 @@ class Engine:
         self.cfg.scenario = self.scenario.name
         approach_cls = APPROACHES.get(self.cfg.baseline)
         self.cfg.baseline = approach_cls.name
+        check_backbone_name(self.cfg.backbone)
+        approach_cls.check_scenario(self.scenario)  # before any data is prepared
         return approach_cls
 
     def make_run_dir(self) -> bool:
@@ -190,7 +192,9 @@ class Engine:
                 shutil.rmtree(path)
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            check_output_dir(path, "--resume" if cfg.resume else "--output_dir")
+            if not cfg.resume:
+                check_output_dir(Path(cfg.output_dir), "--output_dir")
+            check_output_dir(path, "--resume" if cfg.resume else "--run_name")
         self.run_dir = path
         self.rundir = RunDir(path, self.is_main)
         self.rundir.write_config(cfg)

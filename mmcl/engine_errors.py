@@ -20,6 +20,10 @@ class ResumeConflictError(MmclError, ValueError):
     """`--resume` was given flags that would change what the run trains."""
 
 
+class HubError(MmclError, OSError):
+    """A model id or path (--bert_model, --backbone, --pretrained, --model) that cannot be loaded."""
+
+
 class OutputError(MmclError, OSError):
     """The run directory cannot be created or written; the message names the path and the free space."""
 

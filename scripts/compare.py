@@ -66,6 +66,10 @@ def rows_from_runs(run_dirs: list[str]) -> list[dict]:
         if not path.is_file():
             raise FileNotFoundError(f"--runs {d}: no metrics.json (is the run finished?)")
         metrics = json.loads(path.read_text())
+        status = metrics.get("status", "complete")
+        if status != "complete":  # a failed or unfinished run has no result to put in a table
+            why = (metrics.get("meta") or {}).get("failure", {}).get("message", "tasks still to train")
+            raise ValueError(f"--runs {d}: the run is {status} ({why}); finish it with `mmcl run --resume {d}`")
         row = dict(metrics["summary"], baseline=metrics["meta"]["approach"], minutes=metrics["meta"]["minutes"])
         if metrics.get("group_summary"):  # a mixed run, as run_comparison reports it
             row["groups"] = metrics["group_summary"]

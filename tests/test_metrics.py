@@ -346,3 +346,11 @@ def test_compare_tabulates_finished_run_directories(tmp_path):
     assert table.count("\n| ") == 3 and "| replay |" in table
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         rows_from_runs([str(tmp_path / "nowhere")])
+    import json
+
+    failed = Path(dirs[0]) / "metrics.json"
+    doc = json.loads(failed.read_text())
+    failed.write_text(json.dumps({**doc, "status": "failed", "summary": None,
+                                  "meta": {**doc["meta"], "failure": {"message": "non-finite loss (nan)"}}}))
+    with pytest.raises(ValueError, match=r"the run is failed \(non-finite loss \(nan\)\)"):
+        rows_from_runs(dirs)

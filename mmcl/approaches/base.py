@@ -46,16 +46,7 @@ class Approach(nn.Module):
 
     def __init__(self, backbone: Backbone, seq: TaskSequence, scenario: Scenario, cfg) -> None:
         super().__init__()
-        if scenario.name not in self.scenarios:
-            from mmcl.approaches import APPROACHES
-
-            fit = [n for n in APPROACHES.names() if scenario.name in APPROACHES.get(n).scenarios]
-            raise ValueError(
-                f"--baseline {self.name} supports scenarios {', '.join(self.scenarios)}, not '{scenario.name}'"
-                + (f" (approaches for '{scenario.name}': {', '.join(fit)})" if fit else "")
-            )
-        if self.needs_task_id and not scenario.task_id_at_test:
-            raise ValueError(f"--baseline {self.name} needs the task id at test time; scenario '{scenario.name}' gives none")
+        self.check_scenario(scenario)
         self.cfg = cfg
         self.seq = seq
         self.scenario = scenario
@@ -68,6 +59,20 @@ class Approach(nn.Module):
         # set by the engine (`bind`): turns dataset rows into a batch on the right device
         self._collate: Callable[[list[dict]], dict] | None = None
         self._accelerator = None
+
+    @classmethod
+    def check_scenario(cls, scenario: Scenario) -> None:
+        """Fail, naming the flags, if this approach cannot run `scenario`."""
+        if scenario.name not in cls.scenarios:
+            from mmcl.approaches import APPROACHES
+
+            fit = [n for n in APPROACHES.names() if scenario.name in APPROACHES.get(n).scenarios]
+            raise ValueError(
+                f"--baseline {cls.name} supports scenarios {', '.join(cls.scenarios)}, not '{scenario.name}'"
+                + (f" (approaches for '{scenario.name}': {', '.join(fit)})" if fit else "")
+            )
+        if cls.needs_task_id and not scenario.task_id_at_test:
+            raise ValueError(f"--baseline {cls.name} needs the task id at test time; scenario '{scenario.name}' gives none")
 
     @classmethod
     def modalities_for(cls, cfg) -> tuple[str, ...]:

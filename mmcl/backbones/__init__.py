@@ -14,6 +14,21 @@ BACKBONES.add_loader(lambda: __import__("mmcl.backbones.text"))
 BACKBONES.add_loader(lambda: __import__("mmcl.backbones.dual"))
 
 
+def check_backbone_name(name: str) -> None:
+    """A registered backbone or something that looks like a Hugging Face model (checked at start: a typo
+    such as `vitt` gets the registry's did-you-mean error before any data is read)."""
+    from mmcl.registry import UnknownNameError
+
+    try:
+        BACKBONES.canonical(name)
+    except UnknownNameError as e:
+        from mmcl.backbones.text import looks_like_hf_model
+
+        if not looks_like_hf_model(name):
+            raise UnknownNameError(f"{e} A Hugging Face model is an OWNER/NAME id or a local folder with "
+                                   f"config.json.") from None
+
+
 def build_backbone(cfg, spec: BackboneSpec) -> Backbone:
     """A registered name, or else any Hugging Face model id / local path as a `bert`-style text encoder."""
     from mmcl.registry import UnknownNameError
@@ -30,4 +45,4 @@ def build_backbone(cfg, spec: BackboneSpec) -> Backbone:
     return factory(cfg, spec)
 
 
-__all__ = ["BACKBONES", "Backbone", "BackboneSpec", "build_backbone"]
+__all__ = ["BACKBONES", "Backbone", "BackboneSpec", "build_backbone", "check_backbone_name"]

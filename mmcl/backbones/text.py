@@ -54,8 +54,10 @@ class BertEncoder(Backbone):
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.encoder = AutoModel.from_pretrained(path, **overrides)
         except OSError as e:
+            from mmcl.engine_errors import HubError
+
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-            raise OSError(
+            raise HubError(
                 f"--bert_model '{model_name}': cannot load it{' (HF_HUB_OFFLINE=1: only local or cached models)' if offline else ''}: {e}"
             ) from e
         self.model_name = model_name or DEFAULT_BERT

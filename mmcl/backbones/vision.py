@@ -1,6 +1,7 @@
 """timm vision transformers sized for small (8-32 px) images: `vit` and `convit`."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,15 @@ def _timm_model(arch: str, cfg, spec: BackboneSpec, **overrides) -> TimmVisionBa
     pretrained = cfg.pretrained
     if pretrained and not Path(pretrained).exists():
         # A timm model name (e.g. vit_base_patch16_224.augreg_in21k): weights come from the hub.
-        model = timm.create_model(pretrained, pretrained=True, num_classes=0, img_size=size, in_chans=in_chans)
+        try:
+            model = timm.create_model(pretrained, pretrained=True, num_classes=0, img_size=size, in_chans=in_chans)
+        except Exception as e:  # noqa: BLE001 - unknown name, offline, no cache: one message naming the flag
+            from mmcl.engine_errors import HubError
+
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            raise HubError(f"--pretrained '{pretrained}': neither a local path nor a timm model whose weights "
+                           f"can be loaded{' (HF_HUB_OFFLINE=1: only cached weights)' if offline else ''}: "
+                           f"{type(e).__name__}: {e}") from e
     else:
         model = timm.create_model(arch, pretrained=False, **kwargs)
         if pretrained:
