@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mmcl.config import RunConfig
-from mmcl.engine_errors import CheckpointError
+from mmcl.engine_errors import CheckpointError, HubError
 
 EXPORT_FILES = ("model.safetensors", "config.json", "metrics.json", "accuracy_matrix.png", "README.md")
 CONFIG_FILE = "config.json"
@@ -90,12 +90,22 @@ def push_to_hub(run_dir: str | os.PathLike, repo_id: str, private: bool = False,
     (HF_TOKEN, `huggingface-cli login`) unless given, and is never printed."""
     from huggingface_hub import HfApi
 
+    if str(repo_id).count("/") != 1 or not all(str(repo_id).split("/")):
+        raise ValueError(f"--repo_id / --hub_model_id '{repo_id}' is not a Hub repo id (OWNER/NAME)")
     folder = export_run(run_dir)
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, allow_patterns=list(EXPORT_FILES),
-                      commit_message=f"mmcl: {Path(run_dir).name}")
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, allow_patterns=list(EXPORT_FILES),
+                          commit_message=f"mmcl: {Path(run_dir).name}")
+    except Exception as e:  # noqa: BLE001 - offline, no token, no rights: the same advice; the export stays
+        raise HubError(f"cannot upload to the Hub repo '{repo_id}' ({_offline_hint()}{type(e).__name__}: {e}); "
+                       f"the model folder is ready in {folder}") from e
     return f"https://huggingface.co/{repo_id}"
+
+
+def _offline_hint() -> str:
+    return "HF_HUB_OFFLINE=1, set HF_HUB_OFFLINE=0 to use the Hub; " if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
 
 
 def resolve_model_folder(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
@@ -109,7 +119,11 @@ def resolve_model_folder(name_or_path: str | os.PathLike, revision: str | None =
         raise FileNotFoundError(f"--model '{name_or_path}' is neither a model folder nor a Hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id=str(name_or_path), revision=revision, allow_patterns=list(EXPORT_FILES)))
+    try:
+        return Path(snapshot_download(repo_id=str(name_or_path), revision=revision, allow_patterns=list(EXPORT_FILES)))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no rights
+        raise HubError(f"--model '{name_or_path}': cannot download it from the Hub ({_offline_hint()}"
+                       f"{type(e).__name__}: {e})") from e
 
 
 def read_config(folder: Path) -> tuple[dict[str, Any], RunConfig]:

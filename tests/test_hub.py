@@ -134,3 +134,23 @@ def test_push_to_hub_flag_uploads_at_the_end_of_a_run(tmp_path, monkeypatch, cap
     assert "--hub_model_id" in capsys.readouterr().err and not (tmp_path / "pushed").exists()
     assert main(flags + ["--push_to_hub", "--hub_model_id", "someone/digits"]) == 0
     assert uploads == [("someone/digits", sorted(EXPORT_FILES))]
+
+
+def test_hub_failures_name_the_repo_id_and_keep_the_export(toy_run, monkeypatch, capsys):
+    """Offline here: the real huggingface_hub calls fail as they would without a network."""
+    from huggingface_hub import HfApi
+
+    from mmcl.cli import main
+
+    _, run_dir = toy_run
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["eval", "--model", "someone/not-cached-model"]) == 2
+    assert "--model 'someone/not-cached-model': cannot download it from the Hub (HF_HUB_OFFLINE=1" in capsys.readouterr().err
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: (_ for _ in ()).throw(
+        ConnectionError("no network")))
+    assert main(["push", str(run_dir), "--repo_id", "someone/toy"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot upload to the Hub repo 'someone/toy'" in err and "ConnectionError: no network" in err
+    assert f"the model folder is ready in {run_dir / 'hub'}" in err
+    assert main(["push", str(run_dir), "--repo_id", "no-owner"]) == 2
+    assert "'no-owner' is not a Hub repo id (OWNER/NAME)" in capsys.readouterr().err
