@@ -7,11 +7,11 @@ parameters. Readers are functions registered in `READERS`:
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 from mmcl.data.sequence import SCENARIOS, Scenario, Task, TaskSequence, get_scenario
 from mmcl.registry import Registry, UnknownNameError
@@ -28,6 +28,11 @@ class DataNotFoundError(FileNotFoundError):
     """A data directory or file is missing; the message names it and how to get the data."""
 
 
+class DataFormatError(ValueError):
+    """A data or task-sequence file cannot be used as it is: empty, truncated, not UTF-8, a wrong type,
+    a missing field, a label outside the task's set. The message names the file (and the line or record)."""
+
+
 @dataclass
 class ReaderContext:
     """Run-level inputs every reader may use."""
@@ -38,6 +43,7 @@ class ReaderContext:
     seed: int = 0  # data seed (splits, subsampling)
     train_data_size: int | None = None  # PyContinual "small" variant: keep n training examples per task
     max_train_per_task: int | None = None  # cap on training examples per task (None = reader default)
+    task_file: Path | None = None  # the task-sequence YAML being read (set by load_task_sequence; for messages)
 
     def resolve_data_dir(self, needed_for: str, hint: str) -> Path:
         root = self.data_dir or (Path(os.environ["MMCL_DATA"]) if os.environ.get("MMCL_DATA") else None)
@@ -64,30 +70,54 @@ class TaskSequences(Registry):
 TASK_SEQUENCES: TaskSequences = TaskSequences("task sequence", flag="task")
 
 
+def _mapping_field(spec: dict, key: str, path: Path) -> dict:
+    value = spec.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DataFormatError(f"task sequence file '{path}': '{key}' must be a mapping (key: value lines), "
+                              f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def reader_for(name: object, where: str):
+    """The registered reader `name`; an unknown name raises DataFormatError at `where` (a file, a part)."""
+    if isinstance(name, str) and name in READERS:
+        return READERS.get(name)
+    valid = READERS.names()
+    close = difflib.get_close_matches(str(name), valid, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise DataFormatError(f"{where}: unknown reader {name!r}.{hint} Valid readers: {', '.join(valid)}")
+
+
 def task_spec(name_or_path: str) -> dict:
     """The YAML spec of a task sequence, by registry name or file path."""
+    from mmcl.data.files import read_yaml_file
+
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = TASK_SEQUENCES.get(name_or_path)
-    with open(path) as f:
-        spec = yaml.safe_load(f) or {}
-    for key in ("reader",):
-        if key not in spec:
-            raise ValueError(f"task sequence file '{path}' lacks the field '{key}'")
+    spec = read_yaml_file(path, "task sequence file")
+    if not isinstance(spec, dict):
+        raise DataFormatError(f"task sequence file '{path}': the top level is a {type(spec).__name__}, expected a "
+                              f"mapping with `reader:` and `params:` (no leading '- ')")
+    if "reader" not in spec:
+        raise DataFormatError(f"task sequence file '{path}' lacks the field 'reader' "
+                              f"(one of: {', '.join(READERS.names())})")
+    for key in ("params", "defaults", "epoch_multipliers"):
+        spec[key] = _mapping_field(spec, key, path)
     spec.setdefault("name", path.stem)
-    spec.setdefault("params", {})
-    spec.setdefault("defaults", {})
     spec["_path"] = str(path)
     return spec
 
 
 def load_task_sequence(name_or_path: str, ctx: ReaderContext) -> TaskSequence:
     spec = task_spec(name_or_path)
-    reader = READERS.get(spec["reader"])
-    seq = reader(dict(spec["params"]), ctx)
+    reader = reader_for(spec["reader"], f"task sequence file '{spec['_path']}'")
+    seq = reader(dict(spec["params"]), dataclasses.replace(ctx, task_file=Path(spec["_path"])))
     seq.name = spec["name"]
     # Per-task epoch factors by task-name prefix, e.g. PyContinual trains the small Bing ASC domains 3x longer.
-    for prefix, factor in (spec.get("epoch_multipliers") or {}).items():
+    for prefix, factor in spec["epoch_multipliers"].items():
         for task in seq:
             if task.name.startswith(prefix):
                 task.info["epoch_multiplier"] = float(factor)
@@ -95,6 +125,7 @@ def load_task_sequence(name_or_path: str, ctx: ReaderContext) -> TaskSequence:
 
 
 __all__ = [
-    "READERS", "TASK_SEQUENCES", "SCENARIOS", "DataNotFoundError", "ReaderContext", "Scenario", "Task",
+    "READERS", "TASK_SEQUENCES", "SCENARIOS", "DataFormatError", "DataNotFoundError", "ReaderContext", "Scenario",
+    "Task",
     "TaskSequence", "get_scenario", "load_task_sequence", "task_spec", "UnknownNameError",
 ]

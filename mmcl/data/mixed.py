@@ -24,42 +24,52 @@ import bisect
 import dataclasses
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from mmcl.data import READERS, ReaderContext, task_spec
+from mmcl.data import READERS, DataFormatError, ReaderContext, reader_for, task_spec
 from mmcl.data.sequence import TaskSequence
 
 
-def _part_spec(name: str, part: dict) -> tuple[str, dict, dict]:
-    """(reader, params, epoch_multipliers) of one part: `reader:` + params, or `task:` (a YAML) whose params are overridden."""
+def _part_spec(name: str, part: dict, where: str) -> tuple[str, dict, dict, str, Path | None]:
+    """(reader, params, epoch_multipliers, where, file) of one part: `reader:` + params, or `task:` (a YAML)
+    whose params are overridden. `where` names the mixed sequence's file and the part; the part's own YAML file
+    (None for an inline part) and the `where` returned are what the part's errors name."""
     if not isinstance(part, dict) or ("reader" in part) == ("task" in part):
-        raise ValueError(f"mixed: part '{name}' needs exactly one of `reader:` (a reader name) or `task:` "
-                         f"(a task-sequence name or YAML path), got {part!r}")
+        raise DataFormatError(f"{where}: needs exactly one of `reader:` (a reader name) or `task:` "
+                              f"(a task-sequence name or YAML path), got {part!r}")
     unknown = set(part) - {"reader", "task", "params"}
     if unknown:
-        raise ValueError(f"mixed: part '{name}' has unknown field(s) {sorted(unknown)} (allowed: reader, task, params)")
+        raise DataFormatError(f"{where}: unknown field(s) {sorted(unknown)} (allowed: reader, task, params)")
+    params = part.get("params")
+    if params is not None and not isinstance(params, dict):
+        raise DataFormatError(f"{where}: params must be a mapping, got {type(params).__name__} {params!r}")
     if "task" in part:
         spec = task_spec(part["task"])
         if spec["reader"] == "mixed":
-            raise ValueError(f"mixed: part '{name}' is itself a mixed sequence ('{part['task']}'); nest parts instead")
-        return spec["reader"], {**spec["params"], **(part.get("params") or {})}, dict(spec.get("epoch_multipliers") or {})
-    return part["reader"], dict(part.get("params") or {}), {}
+            raise DataFormatError(f"{where} is itself a mixed sequence ('{spec['_path']}'); nest parts instead")
+        return (spec["reader"], {**spec["params"], **(params or {})}, dict(spec["epoch_multipliers"]),
+                f"task sequence file '{spec['_path']}' (part '{name}')", Path(spec["_path"]))
+    return part["reader"], dict(params or {}), {}, where, None
 
 
 @READERS.register("mixed")
 def read_mixed(params: dict, ctx: ReaderContext) -> TaskSequence:
+    source = f"task sequence file '{ctx.task_file}'" if ctx.task_file else "mixed"
     parts = params.get("parts")
     if not isinstance(parts, dict) or not parts:
-        raise ValueError("mixed: params.parts must map part names to {reader: ..., params: ...} or {task: ...}")
+        raise DataFormatError(f"{source}: params.parts must map part names to {{reader: ..., params: ...}} or "
+                              f"{{task: ...}}")
     order = params.get("order")
     if not isinstance(order, list) or not order:
-        raise ValueError(f"mixed: params.order must list the part of each step, e.g. {list(parts)}")
+        raise DataFormatError(f"{source}: params.order must list the part of each step, e.g. {list(parts)}")
     unknown = [p for p in order if p not in parts]
     if unknown:
-        raise ValueError(f"mixed: params.order names unknown part(s) {sorted(set(unknown))}; parts are {list(parts)}")
+        raise DataFormatError(f"{source}: params.order names unknown part(s) {sorted(set(unknown))}; "
+                              f"parts are {list(parts)}")
     if ctx.ntasks is not None:
         if not 1 <= ctx.ntasks <= len(order):
             raise ValueError(f"--ntasks {ctx.ntasks}: the mixed sequence has {len(order)} steps")
@@ -71,8 +81,9 @@ def read_mixed(params: dict, ctx: ReaderContext) -> TaskSequence:
     for name in parts:
         if name not in counts:
             continue  # a part the (shortened) order does not use is not read at all
-        reader, part_params, mult = _part_spec(name, parts[name])
-        seq = READERS.get(reader)(part_params, dataclasses.replace(ctx, ntasks=counts[name]))
+        reader, part_params, mult, where, part_file = _part_spec(name, parts[name], f"{source}, part '{name}'")
+        part_ctx = dataclasses.replace(ctx, ntasks=counts[name], task_file=part_file or ctx.task_file)
+        seq = reader_for(reader, where)(part_params, part_ctx)
         if len(seq) < counts[name]:
             raise ValueError(f"mixed: the order takes {counts[name]} tasks from part '{name}' ({reader}), "
                              f"which has {len(seq)}")

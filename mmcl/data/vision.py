@@ -7,7 +7,6 @@ columns `image` (uint8 HxW, stored as a datasets Array2D) and `label` (local 0..
 from __future__ import annotations
 
 import functools
-import gzip
 import os
 import struct
 from pathlib import Path
@@ -15,7 +14,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from mmcl.data import READERS, DataNotFoundError, ReaderContext
+from mmcl.data import READERS, DataFormatError, DataNotFoundError, ReaderContext
+from mmcl.data.files import GZIP_MAGIC, gunzip, read_bytes, read_text_file
 from mmcl.data.sequence import Task, TaskSequence, check_labels
 from mmcl.data.text import seeded_rng, seeded_subset, take_first_tasks, train_cap
 
@@ -77,19 +77,16 @@ def _class_task(
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(DataFormatError):
     """A file is not a valid (optionally gzipped) idx file; the message names it."""
 
 
 def read_idx(path: str | Path) -> np.ndarray:
     """An idx file (LeCun's MNIST format, gzipped or not) as a numpy array of its declared shape."""
     path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":  # by content, not suffix: some mirrors store un-gzipped files as .gz
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
-            raise IdxFormatError(f"idx file '{path}': corrupt gzip data ({e})") from e
+    raw = read_bytes(path, "idx file")
+    if raw[:2] == GZIP_MAGIC:  # by content, not suffix: some mirrors store un-gzipped files as .gz
+        raw = gunzip(raw, path, "idx file", error=IdxFormatError)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
         raise IdxFormatError(
             f"idx file '{path}': bad magic number {raw[:4].hex() or '(empty file)'}; expected 00 00 <dtype> <ndim>"
@@ -200,6 +197,12 @@ def _load_fmnist(files: tuple[tuple[str, Path], ...]) -> dict[str, np.ndarray]:
                 f"Fashion-MNIST {split}: images {x.shape} ({dict(files)[f'{split}_images']}) do not match "
                 f"labels {y.shape} ({dict(files)[f'{split}_labels']})"
             )
+        bad = np.flatnonzero((y < 0) | (y >= len(FMNIST_CLASSES)))
+        if bad.size:
+            raise IdxFormatError(
+                f"Fashion-MNIST labels file '{dict(files)[f'{split}_labels']}': label {y[bad[0]]} at index {bad[0]} "
+                f"is outside 0..{len(FMNIST_CLASSES) - 1}" + (f" ({bad.size} labels are)" if bad.size > 1 else "")
+            )
     for a in arrays.values():
         a.flags.writeable = False  # shared by every caller of the cache
     return arrays
@@ -305,14 +308,15 @@ CIFAR_HINT = ("Get the binary version (cifar-100-binary.tar.gz from https://www.
 
 def read_cifar100_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(N, 32, 32, 3) uint8 images and fine labels of a CIFAR-100 binary file."""
-    raw = np.fromfile(path, dtype=np.uint8)
+    raw = np.frombuffer(read_bytes(path, "CIFAR-100 file"), dtype=np.uint8)
     if raw.size == 0 or raw.size % CIFAR_RECORD:
-        raise ValueError(f"CIFAR-100 file '{path}': {raw.size} bytes is not a whole number of "
-                         f"{CIFAR_RECORD}-byte records (coarse label, fine label, 3072 pixels)")
+        raise DataFormatError(f"CIFAR-100 file '{path}': {raw.size} bytes is not a whole number of "
+                              f"{CIFAR_RECORD}-byte records (coarse label, fine label, 3072 pixels)")
     records = raw.reshape(-1, CIFAR_RECORD)
     labels = records[:, 1].astype(np.int64)
     if labels.max() > 99:
-        raise ValueError(f"CIFAR-100 file '{path}': fine label {labels.max()} > 99; is it a CIFAR-10 file?")
+        raise DataFormatError(f"CIFAR-100 file '{path}': fine label {labels.max()} at record "
+                              f"{int(np.argmax(labels))} > 99; is it a CIFAR-10 file?")
     images = records[:, 2:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels
 
@@ -345,7 +349,11 @@ def read_cifar100(params: dict, ctx: ReaderContext) -> TaskSequence:
     names = [str(c) for c in range(100)]
     meta = folder / "fine_label_names.txt"
     if meta.is_file():
-        names = [line.strip() for line in meta.read_text().splitlines() if line.strip()] or names
+        names = [line.strip() for line in read_text_file(meta, "CIFAR-100 label-names file").splitlines()
+                 if line.strip()]
+        if len(names) != 100:
+            raise DataFormatError(f"CIFAR-100 label-names file '{meta}' has {len(names)} names (non-blank lines), "
+                                  f"expected 100 (one per fine label, in label order)")
     chunks = split_classes(100, int(params.get("classes_per_task", 10)), CIFAR100_ORDERS[ctx.idrandom])
     chunks = take_first_tasks(chunks, ctx.ntasks, "cifar100")
     tasks = [_class_task("cifar100", chunk, names, arrays, train_cap(params, ctx), params.get("max_eval_per_task"),
@@ -370,13 +378,13 @@ def find_image_folder(root: Path, names: Sequence[str], hint: str) -> Path:
 
 def load_image(path: Path, size: int) -> np.ndarray:
     """(size, size, 3) uint8: RGB, the largest centred square, resized (bilinear)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
             return np.asarray(ImageOps.fit(im.convert("RGB"), (size, size), Image.BILINEAR), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
-        raise ValueError(f"image '{path}' cannot be read: {e}") from e
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise DataFormatError(f"image '{path}' cannot be read ({type(e).__name__}: {e})") from e
 
 
 @READERS.register("imagenet_r")
