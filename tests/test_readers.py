@@ -328,6 +328,109 @@ def test_dsc_train_data_size_and_missing_domain():
         reader({"order_file": None, "domains": ["Nope"]}, ReaderContext(data_dir=SHARED))
 
 
+# ----------------------------------------------------------------------------- a PyContinual checkout as --data_dir
+
+# PyContinual keeps ASC in src/dat/absa/<group>/asc/<domain>/, DSC in src/dat/dsc/ (<Domain>/{split}.json as
+# its prep_dsc.py writes them, or <Domain>_{split}.tsv) and the order files in src/data_prep/.
+FAKE_ASC = {  # task name -> folder under absa, and {split: [(term, sentence, polarity)]}
+    "Bing3domains_Speaker": ("Bing3Domains/asc/Speaker", {
+        "train": [("sound", " the sound is clear", "+"), ("cable", " the cable broke", "-"), ("bass", " deep bass", "+")],
+        "dev": [("volume", " it gets loud", "+")], "test": [("price", " too expensive", "-")]}),
+    "XuSemEval14_rest": ("XuSemEval/asc/14/rest", {
+        "train": [("food", "The food was great.", "positive"), ("staff", "The staff was rude.", "negative"),
+                  ("menu", "The menu is in English.", "neutral")],
+        "dev": [("wine", "Wine list is fine.", "neutral")], "test": [("pasta", "Bad pasta.", "negative")]}),
+}
+FAKE_DSC = {  # domain -> {split: [(text, label)]}
+    "Books": {"train": [("a fine book", "1"), ("dull and long", "-1")], "dev": [("loved it", "1")],
+              "test": [("boring", "-1"), ("great read", "1")]},
+    "Baby": {"train": [("soft and safe", "1"), ("broke in a week", "-1"), ("ok", "1")], "dev": [("meh", "-1")],
+             "test": [("works", "1")]},
+}
+ASC_IDS = {"+": 0, "positive": 0, "-": 1, "negative": 1, "neutral": 2}
+
+
+def pycontinual_tree(src: Path, dsc_layout: str = "json", orders: bool = True) -> None:
+    """A small PyContinual `src/` folder: two ASC domains, two DSC domains, two-line order files."""
+    for rel, splits in FAKE_ASC.values():
+        folder = src / "dat" / "absa" / rel
+        folder.mkdir(parents=True)
+        start = 0
+        for split, rows in splits.items():  # Bing-style: ids run on across the splits
+            records = {str(start + i): {"id": start + i, "polarity": p, "sentence": s, "term": t}
+                       for i, (t, s, p) in enumerate(rows)}
+            (folder / f"{split}.json").write_text(json.dumps(records, indent=4), encoding="utf-8")
+            start += len(rows)
+    dsc = src / "dat" / "dsc"
+    dsc.mkdir(parents=True)
+    for domain, splits in FAKE_DSC.items():
+        for split, rows in splits.items():
+            if dsc_layout == "json":  # as prep_dsc.py writes it
+                (dsc / domain).mkdir(exist_ok=True)
+                records = {str(i): {"id": i, "sentence": t, "term": None, "polarity": y}
+                           for i, (t, y) in enumerate(rows)}
+                (dsc / domain / f"{split}.json").write_text(json.dumps(records), encoding="utf-8")
+            else:
+                (dsc / f"{domain}_{split}.tsv").write_text("".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8")
+    if orders:
+        prep = src / "data_prep"
+        prep.mkdir()
+        (prep / "asc_random").write_text("Bing3domains_Speaker\tXuSemEval14_rest\n"
+                                         "XuSemEval14_rest\tBing3domains_Speaker\n")
+        (prep / "dsc_random_10").write_text("Books\tBaby\nBaby\tBooks\n")
+
+
+@pytest.mark.parametrize("dsc_layout", ["json", "tsv"])
+@pytest.mark.parametrize("sub", ["src", "src/dat"])
+def test_pycontinual_src_tree_as_data_dir(tmp_path, sub, dsc_layout):
+    src = tmp_path / "PyContinual" / "src"
+    pycontinual_tree(src, dsc_layout)
+    data_dir = tmp_path / "PyContinual" / sub
+    for idrandom in (0, 1):
+        seq = load_task_sequence("asc", ReaderContext(data_dir=data_dir, idrandom=idrandom))
+        line = (src / "data_prep" / "asc_random").read_text().split("\n")[idrandom].split("\t")
+        assert [t.name for t in seq] == line and seq.info["order"] == str(src / "data_prep" / "asc_random")
+        for task in seq:
+            rel, splits = FAKE_ASC[task.name]
+            assert task.info["source"] == str(src / "dat" / "absa" / rel)
+            assert task.num_classes == (3 if task.name.startswith("XuSemEval") else 2)
+            for split, file in (("train", "train"), ("valid", "dev"), ("test", "test")):
+                ds = getattr(task, split)
+                assert col(ds, "text") == [t for t, _, _ in splits[file]]
+                assert col(ds, "text_pair") == [s for _, s, _ in splits[file]]
+                assert col(ds, "label") == [ASC_IDS[p] for _, _, p in splits[file]]
+    seq = load_task_sequence("dsc", ReaderContext(data_dir=data_dir, idrandom=1))
+    assert [t.name for t in seq] == ["Baby", "Books"]
+    assert seq.info["order"] == str(src / "data_prep" / "dsc_random_10")
+    for task in seq:
+        for split, file in (("train", "train"), ("valid", "dev"), ("test", "test")):
+            ds = getattr(task, split)
+            expected = [(t, int(y == "1")) for t, y in FAKE_DSC[task.name][file]]
+            assert list(zip(col(ds, "text"), col(ds, "label"))) == expected
+    short = load_task_sequence("dsc", ReaderContext(data_dir=data_dir, ntasks=1, train_data_size=1, seed=0))
+    assert [t.name for t in short] == ["Books"] and len(short[0].train) == 1
+
+
+def test_pycontinual_tree_errors_list_the_places_searched(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    with pytest.raises(DataNotFoundError) as e:  # no data at all
+        load_task_sequence("asc", ReaderContext(data_dir=src))
+    for place in (src / "asc", src / "absa", src / "dat" / "absa", src):
+        assert f"'{place}'" in str(e.value)
+    with pytest.raises(DataNotFoundError) as e:
+        load_task_sequence("dsc", ReaderContext(data_dir=src))
+    for place in (src / "dsc", src / "dat" / "dsc", src):
+        assert f"'{place}'" in str(e.value)
+    pycontinual_tree(src, orders=False)  # data, but no data_prep/ with the order files
+    for task, order, data in (("asc", "asc_random", "absa"), ("dsc", "dsc_random_10", "dsc")):
+        for data_dir in (src, src / "dat"):
+            with pytest.raises(DataNotFoundError) as e:
+                load_task_sequence(task, ReaderContext(data_dir=data_dir))
+            msg = str(e.value)
+            assert f"order file '{order}' not found" in msg and str(src / "data_prep" / order) in msg
+            assert str(data_dir / "orders" / order) in msg
+
 # ----------------------------------------------------------------------------- idx files and split_fmnist
 
 

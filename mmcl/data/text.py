@@ -86,17 +86,36 @@ def read_order_file(path: str | Path, idrandom: int, ntasks: int | None) -> list
 
 
 def find_order_file(order_file: str, roots: Sequence[Path]) -> tuple[Path | None, list[Path]]:
-    """The order file, looked up as PyContinual and the shared data keep it; also the paths tried."""
+    """The order file, looked up as PyContinual and the shared data keep it; also the paths tried.
+
+    Under each root: orders/<name> (the shared layout), <name>, data_prep/<name> (PyContinual's src/).
+    """
     if Path(order_file).is_absolute():
         candidates = [Path(order_file)]
     else:
         candidates = []
-        for root in roots:
-            candidates += [root / "orders" / order_file, root / order_file, root / "data_prep" / order_file]
+        for root in dict.fromkeys(roots):  # in order, without repeats
+            for path in (root / "orders" / order_file, root / order_file, root / "data_prep" / order_file):
+                if path not in candidates:
+                    candidates.append(path)
     for path in candidates:
         if path.is_file():
             return path, candidates
     return None, candidates
+
+
+def order_roots(data_dir: Path, data_root: Path) -> list[Path]:
+    """Folders that may hold the order files, for a data directory and the data folder found in it.
+
+    The data directory itself, the parent of the data folder (the shared layout: <data_dir>/asc beside
+    <data_dir>/orders), and for a PyContinual tree the `src` folder above its `dat` folder (the order files
+    are in src/data_prep, the data in src/dat/absa and src/dat/dsc), whichever of dat, dat/absa or src was passed.
+    """
+    roots = [data_dir, data_root.parent]
+    for folder in (data_root, *list(data_root.parents)[:2]):
+        if folder.name == "dat":
+            roots.append(folder.parent)
+    return list(dict.fromkeys(roots))
 
 
 def text_dataset(texts: list[str], labels: list[int], pairs: list[str] | None = None) -> "datasets.Dataset":
@@ -288,7 +307,8 @@ ASC_GROUPS = ("XuSemEval", "Bing3Domains", "Bing5Domains", "Bing9Domains")
 ASC_LAYOUT = (
     "The data is PyContinual's ASC (aspect sentiment) data: <data_dir>/asc/<group>/asc/<domain>/"
     "{train,dev,test}.json, e.g. asc/Bing3Domains/asc/Speaker/train.json and asc/XuSemEval/asc/14/rest/train.json "
-    "(PyContinual's dat/absa folder also works). Pass it with --data_dir DIR or MMCL_DATA."
+    "(a PyContinual checkout's src or src/dat folder, or its dat/absa folder, also works). "
+    "Pass it with --data_dir DIR or MMCL_DATA."
 )
 
 
@@ -307,8 +327,9 @@ def asc_domain_folder(name: str) -> tuple[Path, list[str]]:
 
 
 def asc_root(data_dir: Path) -> Path:
-    """The folder holding the ASC groups: <data_dir>/asc, PyContinual's dat/absa, or the folder itself."""
-    candidates = [data_dir / "asc", data_dir / "absa", data_dir]
+    """The folder holding the ASC groups: <data_dir>/asc (the shared layout), PyContinual's absa folder
+    (data_dir = src/dat, or src: src/dat/absa), or the folder itself (data_dir = dat/absa)."""
+    candidates = [data_dir / "asc", data_dir / "absa", data_dir / "dat" / "absa", data_dir]
     for root in candidates:
         if any((root / group).is_dir() for group in ASC_GROUPS):
             return root
@@ -391,15 +412,18 @@ def read_pycontinual_asc(params: dict, ctx: ReaderContext) -> TaskSequence:
 
     Input pair (text, text_pair) = (aspect term, sentence). Labels: `+`/positive -> 0,
     `-`/negative -> 1, neutral -> 2; Bing tasks have 2 classes, SemEval tasks 3.
+    Data: <data_dir>/asc/<group>/asc/<domain>/{train,dev,test}.json (the shared layout), or a
+    PyContinual checkout's src/ or src/dat/ (data in dat/absa/), or its dat/absa/ folder.
     Task order: line ctx.idrandom of the order file (params.order_file, default
-    asc_random, searched under <data_dir>/orders, <data_dir>, <data_dir>/data_prep), first
-    ctx.ntasks names; without an order file, params.domains in its order.
+    asc_random, searched under <data_dir>/orders, <data_dir>, <data_dir>/data_prep, beside the
+    data folder, and in PyContinual's src/data_prep), first ctx.ntasks names; without an order
+    file, params.domains in its order.
     dev.json is the valid split. ctx.train_data_size keeps a seeded n of train (PyContinual
     "small"); params.max_train_per_task / ctx.max_train_per_task and params.max_eval_per_task cap splits.
     """
     data_dir = ctx.resolve_data_dir("pycontinual_asc", ASC_LAYOUT)
     root = asc_root(data_dir)
-    names, order_source = sequence_names(params, ctx, [data_dir, root.parent], "asc_random")
+    names, order_source = sequence_names(params, ctx, order_roots(data_dir, root), "asc_random")
     tasks = []
     for name in names:
         rel, classes = asc_domain_folder(name)
@@ -422,13 +446,15 @@ def read_pycontinual_asc(params: dict, ctx: ReaderContext) -> TaskSequence:
 DSC_LABELS = {"-1": 0, "1": 1}
 DSC_LAYOUT = (
     "The data is PyContinual's DSC (document sentiment) data: <data_dir>/dsc/<Domain>_{train,dev,test}.tsv "
-    "(text<TAB>label, label -1 or 1), or PyContinual's <data_dir>/dsc/<Domain>/{train,dev,test}.json. "
-    "Pass it with --data_dir DIR or MMCL_DATA."
+    "(text<TAB>label, label -1 or 1), or PyContinual's <data_dir>/dsc/<Domain>/{train,dev,test}.json "
+    "(a PyContinual checkout's src or src/dat folder also works). Pass it with --data_dir DIR or MMCL_DATA."
 )
 
 
 def dsc_root(data_dir: Path) -> Path:
-    candidates = [data_dir / "dsc", data_dir]
+    """The folder holding the DSC files: <data_dir>/dsc (the shared layout, or data_dir = PyContinual's src/dat),
+    <data_dir>/dat/dsc (data_dir = PyContinual's src), or the folder itself."""
+    candidates = [data_dir / "dsc", data_dir / "dat" / "dsc", data_dir]
     for root in candidates:
         if root.is_dir() and (any(root.glob("*_train.tsv")) or any(root.glob("*/train.json"))):
             return root
@@ -490,14 +516,16 @@ def read_dsc_domain(root: Path, name: str) -> tuple[dict[str, dict[str, list]], 
 def read_pycontinual_dsc(params: dict, ctx: ReaderContext) -> TaskSequence:
     """PyContinual's document sentiment classification (DSC) tasks: Amazon review categories.
 
-    Labels: -1 -> 0 (negative), 1 -> 1 (positive); no text_pair. Task order: line
-    ctx.idrandom of params.order_file (default dsc_random_10), first ctx.ntasks names;
+    Labels: -1 -> 0 (negative), 1 -> 1 (positive); no text_pair. Data: <data_dir>/dsc/ (or a
+    PyContinual checkout's src/ or src/dat/, data in dat/dsc/), each domain as
+    <Domain>_{train,dev,test}.tsv or <Domain>/{train,dev,test}.json. Task order: line
+    ctx.idrandom of params.order_file (default dsc_random_10, found as for pycontinual_asc), first ctx.ntasks names;
     without an order file, params.domains. ctx.train_data_size keeps a seeded n of train
     (PyContinual "small"); caps as for pycontinual_asc.
     """
     data_dir = ctx.resolve_data_dir("pycontinual_dsc", DSC_LAYOUT)
     root = dsc_root(data_dir)
-    names, order_source = sequence_names(params, ctx, [data_dir, root.parent], "dsc_random_10")
+    names, order_source = sequence_names(params, ctx, order_roots(data_dir, root), "dsc_random_10")
     tasks = []
     for name in names:
         rows, source = read_dsc_domain(root, name)
