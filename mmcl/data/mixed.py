@@ -12,7 +12,8 @@ YAML) with its own params, in an order that names the part each step comes from:
 
 Each part is read with `ntasks` = how often the order names it, so readers keep their own
 task order (vader4's domains, split_fmnist's class chunks). The run's --ntasks keeps the first
-n steps of the order; --max_train_per_task and --train_data_size reach every part.
+n steps of the order; --max_train_per_task and --train_data_size reach every part (the readers that
+use them). docs/data.md lists where each reader finds its data.
 
 `ModalityGroups` serves datasets of several modalities as one training set (joint training on a
 mixed sequence) with a batch sampler whose batches each hold one modality, because a tower only
