@@ -38,28 +38,37 @@ class EWC(Approach):
         return loss
 
     def fisher_diagonal(self, loader) -> dict[str, torch.Tensor]:
-        """Empirical Fisher: mean over examples of squared gradients of the log-likelihood (fp32)."""
+        """Empirical Fisher as PyContinual computes it: the mean over batches of the squared batch-mean
+        gradient of the log-likelihood, weighted by the batch size (fp32).
+
+        With k processes a batch is the global one (k shards): the shards' gradients are averaged before
+        squaring, as DDP averages them in training, so k processes get the Fisher of one process with
+        k times the batch; squaring each shard's gradient would give another Fisher."""
         params = trainable_named_parameters(self.model)
         fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-        count = torch.zeros((), device=self.device)
+        count = 0.0
         was_training = self.model.training
         self.model.train()
+        processes = self.world[0]
         for batch in loader:
             self.model.zero_grad(set_to_none=True)
             n = batch["labels"].shape[0]
             self.model.loss(batch).backward()
-            for name, p in params.items():
-                if p.grad is not None:
-                    fisher[name] += p.grad.detach().float() ** 2 * n
+            grads = [(p.grad.detach().float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
+                     for p in params.values()]
+            if processes > 1:
+                # one all-reduce per batch: [n * g_shard..., n] summed over the shards -> the global batch mean
+                flat = torch.cat([g.reshape(-1) * n for g in grads] + [torch.tensor([float(n)], device=self.device)])
+                flat = self._accelerator.reduce(flat, reduction="sum")
+                n = float(flat[-1])
+                grads = [g.reshape(p.shape) for g, p in zip(torch.split(flat[:-1] / n, [p.numel() for p in params.values()]),
+                                                           params.values())]
+            for name, g in zip(params, grads):
+                fisher[name] += g ** 2 * n
             count += n
         self.model.zero_grad(set_to_none=True)
         self.model.train(was_training)
-        if self.world[0] > 1:
-            # each rank saw its shard: sum the sums, then divide by the global count
-            acc = self._accelerator
-            fisher = {n: acc.reduce(f, reduction="sum") for n, f in fisher.items()}
-            count = acc.reduce(count, reduction="sum")
-        return {n: f / count.clamp_min(1) for n, f in fisher.items()}
+        return {n: f / max(count, 1.0) for n, f in fisher.items()}
 
     def after_task(self, task: Task, loader) -> None:
         new = self.fisher_diagonal(loader)
