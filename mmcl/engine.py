@@ -365,8 +365,7 @@ class Engine:
         state = {"task": t, "num_tasks": len(self.seq), "approach": self.cfg.baseline, "backbone": self.cfg.backbone,
                  "scenario": self.scenario.name, "task_sequence": self.seq.name,
                  "tasks": [task.name for task in self.seq],
-                 "extra": self.approach.extra_state(), "matrix": self.matrix.to_dict(), "minutes": self.minutes,
-                 "history": self.history}
+                 "extra": self.approach.extra_state(), "matrix": self.matrix.to_dict(), "minutes": self.minutes}
         self.rundir.save_checkpoint(t, self.accelerator.unwrap_model(self.approach), state)
 
     def restore(self) -> int:
@@ -435,7 +434,8 @@ class Engine:
             resume = (f"last good checkpoint: {last} (tasks 0..{done} finished); `mmcl run --resume {self.run_dir}` "
                       f"continues from task {done + 1}")
         else:
-            resume = (f"no task finished, so there is no checkpoint; `mmcl run --resume {self.run_dir}` "
+            why = "no task finished" if self.cfg.save_checkpoints else "checkpoints are off (--no-save_checkpoints)"
+            resume = (f"{why}, so there is no checkpoint; `mmcl run --resume {self.run_dir}` "
                       f"starts again from task 0")
         if kind == "non-finite":
             resume += " (with, say, a lower --learning_rate: a run that diverged may change its optimisation flags)"
@@ -455,6 +455,7 @@ class Engine:
         if self.is_main:
             with writing(self.run_dir / "metrics.json"):
                 write_report(self.run_dir, self.matrix, self.meta())
+
 
 def load_approach_weights(approach: torch.nn.Module, file: Path) -> None:
     """safetensors only (never pickle); a clear error when the file is corrupt or does not fit."""
