@@ -269,6 +269,7 @@ def _mount_tmpfs(path, size: int) -> bool:
     return done.returncode == 0
 
 
+@pytest.mark.filterwarnings("ignore:could not draw")  # the plot, too, finds the disk full: a warning, by design
 def test_a_real_full_disk_on_tmpfs_stops_with_the_path_and_resumes_once_space_is_freed(tmp_path):
     """Where root may mount a tmpfs: a filesystem with room for the first checkpoint and not the second."""
     probe_dir = tmp_path / "probe"
