@@ -193,7 +193,7 @@ class RunConfig:
         return cls(**values)
 
     def save(self, path: Path) -> None:
-        from mmcl.reporting import write_text_atomic
+        from mmcl.atomic import write_text_atomic
 
         write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 

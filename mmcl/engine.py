@@ -214,7 +214,7 @@ class Engine:
     @torch.no_grad()
     def evaluate_task(self, task: Task, split: str = "test") -> tuple[float, float, float | None]:
         """(accuracy %, macro-F1 %, task-aware accuracy % for CIL or None) on one task's split."""
-        from mmcl.online import hide_task
+        from mmcl.stream import hide_task
 
         acc = self.accelerator
         approach = self.approach
@@ -315,7 +315,7 @@ class Engine:
         columns removed (`hide_task`); it owns its optimiser, since no boundary tells it when to renew one."""
         from accelerate.utils import set_seed
 
-        from mmcl.online import hide_task
+        from mmcl.stream import hide_task
 
         cfg, approach = self.cfg, self.approach
         set_seed(cfg.seed + task.id)

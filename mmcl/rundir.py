@@ -101,7 +101,7 @@ class RunDir:
         """`checkpoints/task_t/{model.safetensors,state.json}`, whole or not at all."""
         from safetensors.torch import save_model
 
-        from mmcl.reporting import write_json_atomic
+        from mmcl.atomic import write_json_atomic
 
         final, tmp = self.checkpoints / f"task_{t}", self.checkpoints / f".task_{t}.tmp"
         if not self.is_main:

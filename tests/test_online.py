@@ -9,7 +9,7 @@ from conftest import synthetic_image_sequence, tiny_config
 from mmcl.approaches import APPROACHES
 from mmcl.approaches.online import OnlineFinetune, StreamMemory
 from mmcl.engine import Engine
-from mmcl.online import StreamBatch, TaskIdLeak, hide_task
+from mmcl.stream import StreamBatch, TaskIdLeak, hide_task
 
 
 def online_engine(tmp_path, baseline="levit", num_tasks=2, n_train=40, **kw):

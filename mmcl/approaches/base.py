@@ -82,7 +82,7 @@ class Approach(nn.Module):
     # -- construction -------------------------------------------------------------------
     def build_model(self, backbone: Backbone) -> nn.Module:
         layout = self.scenario.head_layout(self.seq)
-        heads = Heads(backbone.feature_dim, layout, per_task=self.scenario.name == "til")
+        heads = Heads(backbone.feature_dim, layout, per_task=self.scenario.per_task_heads)
         return ContinualModel(backbone, heads)
 
     def bind(self, accelerator, collate: Callable[[list[dict]], dict]) -> None:

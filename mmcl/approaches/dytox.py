@@ -157,7 +157,7 @@ class DyTox(Approach):
         return task.train if memory is None else concatenate_datasets([task.train, memory])
 
     def global_targets(self, batch: dict) -> torch.Tensor:
-        if self.scenario.name == "cil":
+        if self.scenario.global_labels:
             return batch["labels"]
         offsets = torch.tensor(self.model.offsets, device=batch["labels"].device)
         return batch["labels"] + offsets[batch["task_ids"]]
@@ -211,7 +211,7 @@ class DyTox(Approach):
 
     def after_task(self, task: Task, loader) -> None:
         targets = np.asarray(task.train["target"])
-        if self.scenario.name == "til":
+        if not self.scenario.global_labels:  # TIL's targets are local: herd per global class
             targets = targets + task.class_offset
         features = self.task_embeddings(task).cpu()
         quota = max(1, self.cfg.memory_size // self.model.offsets[task.id + 1])

@@ -48,7 +48,7 @@ class LwF(Approach):
             losses = [distillation(heads_new(features, u), heads_old(old_features, u), self.cfg.temperature)
                       for u in range(task.id)]
             return torch.stack(losses).mean()
-        k = self._old_active if self.scenario.name == "cil" else heads_new.layout[0]
+        k = self._old_active if self.scenario.global_labels else heads_new.layout[0]
         new_logits = heads_new.heads[0](features)[:, :k]
         with torch.no_grad():
             old_logits = heads_old.heads[0](old_features)[:, :k]

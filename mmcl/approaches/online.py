@@ -2,7 +2,7 @@
 steps its own optimiser.
 
 `--scenario online` hands the learner one stream batch at a time through `observe(batch)`: no task
-object, no task id, no boundary (`mmcl/online.py` guards the batch). So these learners keep one
+object, no task id, no boundary (`mmcl/stream.py` guards the batch). So these learners keep one
 optimiser for the whole stream and hold their memory as tensors (the examples themselves, not
 (task, row) references: a reference names the task). The memory lives in buffers, so it is saved in
 the safetensors checkpoints and restored on --resume; the optimiser's moments are not saved (a

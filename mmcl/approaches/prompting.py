@@ -180,7 +180,7 @@ class PromptApproach(Approach, metaclass=ABCMeta):
             loss = self.model.loss(batch, features)
         else:
             logits = heads(features)
-            if self.scenario.name == "cil":
+            if self.scenario.global_labels:
                 logits = mask_past_classes(logits, task.class_offset)
             loss = F.cross_entropy(logits.float(), batch["labels"])
         return loss if aux is None else loss + aux

@@ -90,16 +90,18 @@ class TaskSequence:
 class Scenario(abc.ABC):
     """What a learner is told and which label space targets live in.
 
-    name: registry name; task_id_at_test: whether `predict` receives the task id;
+    name: registry name; task_id_at_test: whether `predict` receives the task id; per_task_heads: a
+    head per task (TIL) instead of one shared head;
     global_labels: targets are global class ids (the task-aware accuracy is reported beside);
     task_boundaries: False for a task-free stream, which the engine runs as one pass of small
-    batches with the task ids hidden (`mmcl/online.py`).
+    batches with the task ids hidden (`mmcl/stream.py`).
     """
 
     name: str = ""
     task_id_at_test: bool = True
     task_boundaries: bool = True
     global_labels: bool = False
+    per_task_heads: bool = False  # one output head per task (TIL) rather than one shared head
 
     @abc.abstractmethod
     def head_layout(self, seq: TaskSequence) -> list[int]:
@@ -125,6 +127,7 @@ class TaskIncremental(Scenario):
     """A head per task; the task id is given at train and test time (PyContinual TIL)."""
 
     name = "til"
+    per_task_heads = True
 
     def head_layout(self, seq: TaskSequence) -> list[int]:
         return [t.num_classes for t in seq.tasks]
