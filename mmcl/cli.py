@@ -1,48 +1,24 @@
-"""Command line: `mmcl run|list|report`. `run.py` is `mmcl run` under PyContinual's entry point.
+"""Command line: `mmcl run|list|report|push|eval`. `run.py` is `mmcl run` under PyContinual's entry point.
 
-Every RunConfig field is a flag of the same name (`--num_train_epochs`, `--idrandom`, ...);
-only flags given explicitly override the task's defaults and predefined args.
+Every run setting and every option of the run's approach and backbone is a flag of the same name
+(`--num_train_epochs`, `--idrandom`, `--lamb`, ...; `mmcl.flags`); only flags given explicitly override
+the task's defaults and predefined args.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-import typing
 from pathlib import Path
 
-from mmcl.config import RunConfig, build_config, resume_config
-
-HIDDEN = {"extra"}
-
-
-def _flag_type(field: dataclasses.Field):
-    hint = typing.get_type_hints(RunConfig)[field.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    base = args[0] if args else hint
-    return base
-
-
-def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    for field in dataclasses.fields(RunConfig):
-        if field.name in HIDDEN:
-            continue
-        kind = _flag_type(field)
-        default = field.default if field.default is not dataclasses.MISSING else None
-        help_ = f"default: {default}"
-        if kind is bool:
-            parser.add_argument(f"--{field.name}", action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_)
-        else:
-            parser.add_argument(f"--{field.name}", type=kind, default=argparse.SUPPRESS, help=help_)
+from mmcl.flags import build_config, parse_run_args, resume_config
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcl", description="Multimodal continual learning")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a continual-learning experiment")
-    add_run_flags(run)
+    # `mmcl run` has its own parser (mmcl.flags.run_parser): its flags depend on the approach and backbone
+    sub.add_parser("run", help="run a continual-learning experiment (`mmcl run --help`)", add_help=False)
     sub.add_parser("list", help="list backbones, approaches, task sequences and scenarios")
     report = sub.add_parser("report", help="re-render results.md and the plot of a run directory")
     report.add_argument("run_dir")
@@ -158,14 +134,15 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    values = {k: v for k, v in vars(args).items() if k != "command"}
+    argv = sys.argv[1:] if argv is None else list(argv)
     from mmcl.engine_errors import MmclError
     from mmcl.registry import UnknownNameError
 
     try:
-        if args.command == "run":
-            return cmd_run(values)
+        if argv[:1] == ["run"]:
+            return cmd_run(parse_run_args(argv[1:]))
+        args = build_parser().parse_args(argv)
+        values = {k: v for k, v in vars(args).items() if k != "command"}
         if args.command == "list":
             return cmd_list()
         if args.command == "report":

@@ -24,6 +24,7 @@ from mmcl.data import ReaderContext, load_task_sequence
 from mmcl.data.mixed import ModalityGroups
 from mmcl.data.sequence import Task, TaskSequence, check_labels, get_scenario
 from mmcl.engine_errors import CheckpointError, NonFiniteError, OutputError, RunFailed
+from mmcl.flags import resolve_options, validate_options
 from mmcl.metrics import AccuracyMatrix, accuracy_and_macro_f1
 from mmcl.optim import OptimizerStep, lr_lambda, make_optimizer, make_scheduler  # noqa: F401 (re-exported)
 from mmcl.reporting import write_report
@@ -105,7 +106,9 @@ class Collator:
 
 class Engine:
     def __init__(self, cfg: RunConfig, accelerator=None, sequence: TaskSequence | None = None) -> None:
-        self.cfg = cfg.validate()  # before the accelerator, which would reject a bad --mixed_precision its own way
+        # every option of the run's methods filled in, and the run settings checked, before the accelerator
+        # (which would reject a bad --mixed_precision its own way)
+        self.cfg = resolve_options(cfg).validate()
         self._given_sequence = sequence  # tests and notebooks may pass a sequence instead of a task name
         self.accelerator = accelerator or make_accelerator(cfg)
         self.is_main = self.accelerator.is_main_process
@@ -166,6 +169,7 @@ class Engine:
         approach_cls = APPROACHES.get(self.cfg.baseline)
         self.cfg.baseline = approach_cls.name
         check_backbone_name(self.cfg.backbone)
+        validate_options(self.cfg)  # each method checks its own options
         approach_cls.check_scenario(self.scenario)  # before any data is prepared
         return approach_cls
 

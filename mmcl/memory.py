@@ -7,8 +7,23 @@ the whole task (not each rank's shard), so the budget is the global one.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
+
+from mmcl.options import Options, option
+
+
+@dataclass
+class MemoryOptions(Options):
+    """The rehearsal budget, shared by every approach with a memory."""
+
+    title = "memory options"
+    memory_size: int = option(200, "rehearsal memory size in examples (global across processes)")
+
+    def validate(self) -> None:
+        if self.memory_size < 0:
+            raise ValueError(f"--memory_size must be >= 0, got {self.memory_size}")
 
 
 class Memory:

@@ -30,7 +30,7 @@ from mmcl.reporting import write_benchmark  # noqa: E402
 def worker(args) -> None:
     import torch
 
-    from mmcl.config import build_config
+    from mmcl.flags import build_config
     from mmcl.engine import Engine, make_optimizer
 
     cfg = build_config(dict(run_settings(args), baseline=args.approach))
@@ -98,7 +98,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from mmcl.config import build_config
+    from mmcl.flags import build_config
     from mmcl.data import load_task_sequence
     from mmcl.engine import reader_context
 

@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from mmcl.config import build_config
+    from mmcl.flags import build_config
     from mmcl.engine import Engine, make_optimizer
 
     cfg = build_config({"task": args.task, "backbone": "convit", "baseline": "dytox", "scenario": "cil",

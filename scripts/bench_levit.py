@@ -38,7 +38,7 @@ def parse_value(text: str):
 
 
 def run_one(values: dict) -> dict:
-    from mmcl.config import build_config
+    from mmcl.flags import build_config
     from mmcl.engine import Engine
 
     cfg = build_config(values)
@@ -83,7 +83,7 @@ def main() -> None:
         write_outputs(Path(args.render).parent, result["args"]["task"], result, result.get("threads", 0))
         return
 
-    from mmcl.config import build_config
+    from mmcl.flags import build_config
 
     common = {"task": args.task, "scenario": "online", "memory_size": args.memory_size, "progress": False,
               "save_checkpoints": False, "overwrite": True, "output_dir": str(Path(args.out) / "levit_runs")}
@@ -143,7 +143,7 @@ def write_outputs(out: Path, task: str, result: dict, threads: int) -> None:
 def side_of(task: str, common: dict) -> int:
     import numpy as np
 
-    from mmcl.config import build_config
+    from mmcl.flags import build_config
     from mmcl.data import load_task_sequence
     from mmcl.engine import reader_context
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from mmcl.config import build_config  # noqa: E402
+from mmcl.flags import build_config  # noqa: E402
 from mmcl.engine import Engine  # noqa: E402
 from mmcl.reporting import write_benchmark  # noqa: E402
 

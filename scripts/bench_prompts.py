@@ -46,7 +46,7 @@ def timed(fn):
 def measure(label: str, args) -> dict:
     import torch
 
-    from mmcl.config import build_config
+    from mmcl.flags import build_config
     from mmcl.engine import Engine, make_optimizer
 
     cfg = build_config({"task": args.task, "backbone": "vit", "scenario": "cil", "progress": False,

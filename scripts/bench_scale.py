@@ -31,7 +31,7 @@ SETTINGS = [(1, "no"), (1, "bf16"), (2, "no"), (2, "bf16")]
 def worker(args) -> None:
     import torch
 
-    from mmcl.config import build_config
+    from mmcl.flags import build_config
     from mmcl.engine import Engine, make_optimizer
 
     cfg = build_config({"task": args.task, "backbone": args.backbone, "baseline": "finetune", "progress": False,

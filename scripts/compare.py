@@ -31,15 +31,15 @@ def fmt(v) -> str:
 def run_comparison(task: str, backbone: str, scenario: str, baselines: list[str], flags: list[str], name: str,
                    out: Path) -> list[dict]:
     """Run each approach with the same flags; return one summary row per approach (also saved as JSON)."""
-    from mmcl.cli import build_parser
-    from mmcl.config import build_config
     from mmcl.engine import Engine
+    from mmcl.flags import build_config, parse_run_args
     from mmcl.reporting import modality_groups
 
-    run_flags = {k: v for k, v in vars(build_parser().parse_args(["run", *flags])).items() if k != "command"}
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for baseline in baselines:
+        # one flag list for every approach: each takes the options it has (the rest are reported, not used)
+        run_flags = parse_run_args(["--task", task, "--backbone", backbone, "--baseline", baseline, *flags], lenient=True)
         values = dict(run_flags, task=task, backbone=backbone, scenario=scenario, baseline=baseline,
                       progress=False, run_name=f"{name}-{baseline}", output_dir=str(out / "runs"), overwrite=True)
         cfg = build_config(values)

@@ -67,9 +67,9 @@ def build_encoder(args):
     from mmcl.backbones import BackboneSpec, build_backbone
     from mmcl.config import RunConfig
 
-    cfg = RunConfig(task="split_fmnist", backbone=args.backbone, vit_embed_dim=args.vit_embed_dim,
-                    vit_depth=args.vit_depth, vit_heads=args.vit_heads, patch_size=args.patch_size,
-                    vit_pool=args.vit_pool)
+    cfg = RunConfig.from_dict(dict(task="split_fmnist", backbone=args.backbone, vit_embed_dim=args.vit_embed_dim,
+                                   vit_depth=args.vit_depth, vit_heads=args.vit_heads, patch_size=args.patch_size,
+                                   vit_pool=args.vit_pool))
     return build_backbone(cfg, BackboneSpec(modalities=("image",), image_shape=(args.image_size, args.image_size)))
 
 
@@ -124,18 +124,18 @@ def save(out: Path, backbone, info: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from mmcl.config import RunConfig
+    from mmcl.backbones.vision import VitOptions
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="pretrained/vit-digits")
     ap.add_argument("--backbone", default="vit", choices=["vit", "convit"])
     ap.add_argument("--image_size", type=int, default=28)
     # a run's own defaults, so that `--pretrained` fits `mmcl run` with the same (or no) architecture flags
-    ap.add_argument("--vit_embed_dim", type=int, default=RunConfig.vit_embed_dim)
-    ap.add_argument("--vit_depth", type=int, default=RunConfig.vit_depth)
-    ap.add_argument("--vit_heads", type=int, default=RunConfig.vit_heads)
-    ap.add_argument("--patch_size", type=int, default=RunConfig.patch_size)
-    ap.add_argument("--vit_pool", default=RunConfig.vit_pool, choices=RunConfig.CHOICES["vit_pool"])
+    ap.add_argument("--vit_embed_dim", type=int, default=VitOptions.vit_embed_dim)
+    ap.add_argument("--vit_depth", type=int, default=VitOptions.vit_depth)
+    ap.add_argument("--vit_heads", type=int, default=VitOptions.vit_heads)
+    ap.add_argument("--patch_size", type=int, default=VitOptions.patch_size)
+    ap.add_argument("--vit_pool", default=VitOptions.vit_pool, choices=("token", "avg"))
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)

@@ -1,4 +1,5 @@
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -40,6 +41,33 @@ def synthetic_image_sequence(num_tasks: int = 2, classes_per_task: int = 2, n_tr
     return TaskSequence("toy", tasks)
 
 
+NOUNS = ["phone", "screen", "movie", "meal", "battery", "camera", "hotel", "book"]
+ADJECTIVES = ["red", "new", "old", "big", "small", "blue"]
+
+
+def toy_text_sequence(n_train: int = 48, n_test: int = 24):
+    """Two learnable binary tasks: 'contains good' and 'contains not'."""
+    from datasets import Dataset
+
+    from mmcl.data.sequence import Task, TaskSequence
+
+    def make(rule, n, seed):
+        rng = random.Random(seed)
+        texts, labels = [], []
+        for i in range(n):
+            noun, adj, y = rng.choice(NOUNS), rng.choice(ADJECTIVES), i % 2
+            if rule == "good":
+                texts.append(f"the {noun} is {'good' if y else adj}")
+            else:  # lengths vary by a token between the classes and, via 'really', within them
+                texts.append(f"the {noun} is {'not ' if y else ''}{'really ' * (i % 3 == 0)}{adj}")
+            labels.append(y)
+        return Dataset.from_dict({"text": texts, "label": labels})
+
+    tasks = [Task(t, rule, "text", ["no", "yes"], make(rule, n_train, t), make(rule, n_test, 10 + t),
+                  make(rule, n_test, 20 + t)) for t, rule in enumerate(["good", "not"])]
+    return TaskSequence("toytext", tasks)
+
+
 def tiny_config(tmp_path, **overrides):
     from mmcl.config import RunConfig
 
@@ -47,7 +75,7 @@ def tiny_config(tmp_path, **overrides):
                   learning_rate=3e-3, train_batch_size=16, eval_batch_size=64, vit_embed_dim=32, vit_depth=1,
                   vit_heads=2, patch_size=4, output_dir=str(tmp_path / "runs"), progress=False, memory_size=20)
     values.update(overrides)
-    return RunConfig(**values)
+    return RunConfig.from_dict(values)
 
 
 @pytest.fixture

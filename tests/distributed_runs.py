@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from mmcl.cli import _shutdown  # noqa: E402
-from mmcl.config import build_config  # noqa: E402
+from mmcl.flags import build_config  # noqa: E402
 from mmcl.engine import Engine  # noqa: E402
 
 

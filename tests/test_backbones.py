@@ -13,7 +13,7 @@ IMAGE = BackboneSpec(modalities=("image",), image_shape=(28, 28))
 def cfg(**kw):
     base = dict(max_seq_length=32, vit_embed_dim=48, vit_depth=2, vit_heads=3, bert_adapter_size=16)
     base.update(kw)
-    return RunConfig(**base)
+    return RunConfig.from_dict(base)
 
 
 def text_batch(backbone, texts=("a fine phone", "the worst screen I ever had")):

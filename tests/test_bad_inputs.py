@@ -20,7 +20,7 @@ CASES = {
     "bad-choice": (["--optimizer", "adam"], "--optimizer must be one of adamw, sgd, got 'adam'"),
     "bad-precision": (["--mixed_precision", "fp8"], "--mixed_precision must be one of no, bf16, fp16, got 'fp8'"),
     "zero-rate": (["--learning_rate", "0"], "--learning_rate must be > 0, got 0.0"),
-    "negative-memory": (["--memory_size", "-1"], "--memory_size must be >= 0, got -1"),
+    "negative-memory": (VIT[:4] + ["--baseline", "replay", "--memory_size", "-1"], "--memory_size must be >= 0, got -1"),
     "push-without-id": (["--push_to_hub"], "--push_to_hub needs --hub_model_id OWNER/NAME"),
     "unsupported-scenario": (["--scenario", "cil", "--baseline", "hat"], "--baseline hat supports scenarios til, not 'cil'"),
     "wrong-backbone-for-approach": (VIT[:4] + ["--baseline", "dytox"], "--baseline dytox needs --backbone convit"),
@@ -45,7 +45,8 @@ def test_a_bad_flag_is_one_line_naming_it(case, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--lerning_rate", "1"], "unrecognized arguments: --lerning_rate"),
     (["--learning_rate", "abc"], "argument --learning_rate: invalid float value: 'abc'"),
-], ids=["unknown-flag", "not-a-number"])
+    (VIT + ["--lamb", "10"], "--lamb is an option of --baseline ewc, not of this run's approach and backbone"),
+], ids=["unknown-flag", "not-a-number", "option-of-another-approach"])
 def test_argparse_rejects_unknown_and_mistyped_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(["run", *argv])

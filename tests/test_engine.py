@@ -115,7 +115,7 @@ def test_text_evaluation_splits_are_length_sorted_and_complete():
     texts = ["a b c d e f g h", "good", "a fine phone with a long battery life", "bad screen", "ok"]
     split = lambda: Dataset.from_dict({"text": texts, "label": [0, 1, 0, 1, 0]})  # noqa: E731
     task = Task(0, "t", "text", ["neg", "pos"], split(), split(), split())
-    backbone = build_backbone(RunConfig(backbone="bert_frozen", max_seq_length=32), BackboneSpec(("text",)))
+    backbone = build_backbone(RunConfig.from_dict({"backbone": "bert_frozen", "max_seq_length": 32}), BackboneSpec(("text",)))
     prepare_task(task, backbone, get_scenario("til"))
     lengths = [len(ids) for ids in task.test["input_ids"]]
     assert lengths == sorted(lengths) and lengths != [len(ids) for ids in task.train["input_ids"]]

@@ -1,43 +1,15 @@
 """HAT and CTR: exact protection of earlier tasks, the HAT formulas, and CTR's routing invariants."""
 import math
-import random
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_config
+from conftest import tiny_config, toy_text_sequence
 from mmcl.approaches.base import Progress
 from mmcl.approaches.ctr import KnowledgeSharing, squash
 from mmcl.approaches.hat import Hat, HatAdapter, HatContext, HatMasks, annealed_s
 from mmcl.engine import Engine
-
-NOUNS = ["phone", "screen", "movie", "meal", "battery", "camera", "hotel", "book"]
-ADJECTIVES = ["red", "new", "old", "big", "small", "blue"]
-
-
-def toy_text_sequence(n_train: int = 48, n_test: int = 24):
-    """Two learnable binary tasks: 'contains good' and 'contains not'."""
-    from datasets import Dataset
-
-    from mmcl.data.sequence import Task, TaskSequence
-
-    def make(rule, n, seed):
-        rng = random.Random(seed)
-        texts, labels = [], []
-        for i in range(n):
-            noun, adj, y = rng.choice(NOUNS), rng.choice(ADJECTIVES), i % 2
-            if rule == "good":
-                texts.append(f"the {noun} is {'good' if y else adj}")
-            else:  # lengths vary by a token between the classes and, via 'really', within them
-                texts.append(f"the {noun} is {'not ' if y else ''}{'really ' * (i % 3 == 0)}{adj}")
-            labels.append(y)
-        return Dataset.from_dict({"text": texts, "label": labels})
-
-    tasks = [Task(t, rule, "text", ["no", "yes"], make(rule, n_train, t), make(rule, n_test, 10 + t),
-                  make(rule, n_test, 20 + t)) for t, rule in enumerate(["good", "not"])]
-    return TaskSequence("toytext", tasks)
-
 
 def text_engine(tmp_path, baseline: str, **overrides) -> Engine:
     cfg = tiny_config(tmp_path, task="toytext", backbone="bert_adapter", baseline=baseline, bert_adapter_size=8,

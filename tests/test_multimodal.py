@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import synthetic_image_sequence, tiny_config
+from conftest import synthetic_image_sequence, tiny_config, toy_text_sequence
 from mmcl.data.sequence import TaskSequence
 from mmcl.engine import Engine
-from test_hat_ctr import toy_text_sequence
 
 
 def mixed_sequence(n_train: int = 32, n_test: int = 16) -> TaskSequence:

@@ -39,11 +39,11 @@ def test_pretrained_checkpoint_loads_into_the_same_architecture(tmp_path):
 
     saved = load_file(str(out / "model.safetensors"))
     assert saved and not any(k.startswith("head") for k in saved)
-    cfg = RunConfig(backbone="vit", vit_embed_dim=32, vit_depth=1, vit_heads=2, patch_size=4, pretrained=str(out))
+    cfg = RunConfig.from_dict(dict(backbone="vit", vit_embed_dim=32, vit_depth=1, vit_heads=2, patch_size=4, pretrained=str(out)))
     backbone = build_backbone(cfg, BackboneSpec(modalities=("image",), image_shape=(28, 28)))
     state = backbone.model.state_dict()
     for k, v in saved.items():
         assert torch.equal(state[k], v), k
-    wider = RunConfig(backbone="vit", vit_embed_dim=48, vit_depth=1, vit_heads=2, patch_size=4, pretrained=str(out))
+    wider = RunConfig.from_dict(dict(backbone="vit", vit_embed_dim=48, vit_depth=1, vit_heads=2, patch_size=4, pretrained=str(out)))
     with pytest.raises(ValueError, match="model.safetensors.*vit_embed_dim"):
         build_backbone(wider, BackboneSpec(modalities=("image",), image_shape=(28, 28)))

@@ -1,6 +1,7 @@
 import pytest
 
-from mmcl.config import RunConfig, build_config
+from mmcl.config import RunConfig
+from mmcl.flags import build_config
 from mmcl.registry import Registry, UnknownNameError
 
 
@@ -53,8 +54,10 @@ def test_config_precedence_task_defaults_then_flags():
 def test_config_unknown_key_is_named():
     with pytest.raises(ValueError, match="learning_rat.*learning_rate"):
         build_config({"learning_rat": 1.0})
-    with pytest.raises(ValueError, match="unknown setting"):
-        RunConfig.from_dict({"nope": 1})
+    from mmcl.flags import resolve_options
+
+    with pytest.raises(ValueError, match="unknown setting 'nope'"):
+        resolve_options(RunConfig.from_dict({"nope": 1}))
 
 
 def test_cli_rejects_unknown_approach_with_suggestion(capsys):
@@ -89,5 +92,9 @@ def test_asc_bing_domains_train_three_times_longer():
 @pytest.mark.parametrize("flag,value", [("optimizer", "adam"), ("lr_scheduler", "step"), ("mixed_precision", "fp8"),
                                         ("learning_rate", 0.0), ("memory_size", -1)])
 def test_bad_settings_fail_before_any_work_naming_the_flag(flag, value):
+    from mmcl.flags import resolve_options, validate_options
+
+    cfg = resolve_options(RunConfig.from_dict({"baseline": "replay", "backbone": "vit", flag: value}))
     with pytest.raises(ValueError, match=f"--{flag}"):
-        RunConfig(**{flag: value}).validate()
+        cfg.validate()
+        validate_options(cfg)  # an option: its method checks it

@@ -162,18 +162,18 @@ def test_resume_refuses_flags_that_change_what_is_trained_and_lists_each(tmp_pat
     config = (run_dir / "config.yaml").read_text()
     capsys.readouterr()
     code = main(["run", "--resume", str(run_dir), "--backbone", "convit", "--learning_rate", "0.5", "--seed", "3",
-                 "--memory_size", "200", "--no-progress"])  # memory_size as saved: not a conflict
+                 "--train_batch_size", "32", "--no-progress"])  # the batch as saved: not a conflict
     err = capsys.readouterr().err
     assert code == 2
     assert "3 flag(s) differ" in err
     for part in ("--backbone convit (the run has vit)", "--learning_rate 0.5 (the run has 0.001)", "--seed 3 (the run has 0)"):
         assert part in err
-    assert "memory_size" not in err.split("Flags --resume may change")[0]
+    assert "train_batch_size" not in err.split("Flags --resume may change")[0]
     assert (run_dir / "config.yaml").read_text() == config  # nothing changed on disk
 
 
 def test_resume_takes_runtime_flags_and_refuses_optimisation_flags_of_a_healthy_run(tmp_path):
-    from mmcl.config import resume_config
+    from mmcl.flags import resume_config
 
     run_dir = _finished_cli_run(tmp_path, "h")
     cfg, changed = resume_config(run_dir, {"progress": True, "eval_batch_size": 7, "data_dir": "/elsewhere"})

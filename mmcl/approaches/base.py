@@ -20,6 +20,7 @@ from torch import nn
 from mmcl.backbones.base import Backbone
 from mmcl.data.sequence import Scenario, Task, TaskSequence
 from mmcl.heads import ContinualModel, Heads
+from mmcl.options import Options
 
 
 @dataclass
@@ -43,11 +44,13 @@ class Approach(nn.Module):
     needs_task_id: ClassVar[bool] = False  # at test time
     uses_memory: ClassVar[bool] = False
     modalities: ClassVar[tuple[str, ...]] = ("text", "image")
+    Options: ClassVar[type[Options] | None] = None  # the approach's own options (mmcl.options), if any
 
     def __init__(self, backbone: Backbone, seq: TaskSequence, scenario: Scenario, cfg) -> None:
         super().__init__()
         self.check_scenario(scenario)
-        self.cfg = cfg
+        self.cfg = cfg  # the run's settings (RunConfig); the approach's own options are `self.opts`
+        self.opts = self.Options.from_values(cfg.options) if self.Options is not None else None
         self.seq = seq
         self.scenario = scenario
         self.model = self.build_model(backbone)

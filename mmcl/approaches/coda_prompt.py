@@ -13,6 +13,8 @@ cosine schedule (`--optimizer adamw --weight_decay 0 --lr_scheduler cosine`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,7 @@ from torch import nn
 from mmcl.approaches import APPROACHES
 from mmcl.approaches.prompting import PromptApproach, orthogonal_rows, parse_layers, prompted_tokens, pooled
 from mmcl.data.sequence import Task
+from mmcl.options import Options, option, positive
 
 
 def ortho_penalty(rows: torch.Tensor) -> torch.Tensor:
@@ -28,16 +31,32 @@ def ortho_penalty(rows: torch.Tensor) -> torch.Tensor:
     return ((rows @ rows.T - eye) ** 2).mean()
 
 
+@dataclass
+class CodaPromptOptions(Options):
+    title = "CODA-Prompt options"
+    coda_pool_size: int = option(100, "prompt components, split evenly over the tasks")
+    coda_length: int = option(8, "tokens per component, half to keys and half to values")
+    coda_layers: str = option("0-3", "blocks that get prompts, '0,1,2' or '0-2' (paper: 0-4 of ViT-B's 12; the "
+                                     "default vit has 4)")
+    coda_ortho_mu: float = option(0.0, "orthogonality penalty weight (the released code: 0)")
+
+    def validate(self) -> None:
+        if self.coda_length < 2 or self.coda_length % 2:
+            raise ValueError(f"--coda_length must be even (half to keys, half to values), got {self.coda_length}")
+        positive(self, "coda_pool_size")
+        if self.coda_ortho_mu < 0:
+            raise ValueError(f"--coda_ortho_mu must be >= 0, got {self.coda_ortho_mu}")
+
+
 @APPROACHES.register("coda_prompt", aliases=("coda",))
 class CodaPrompt(PromptApproach):
     name = "coda_prompt"
+    Options = CodaPromptOptions
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         super().__init__(backbone, seq, scenario, cfg)
-        self.layers = parse_layers(cfg.coda_layers, self.depth, "coda_layers")
-        pool, length, T = cfg.coda_pool_size, cfg.coda_length, len(seq)
-        if length < 2 or length % 2:
-            raise ValueError(f"--coda_length must be even (half to keys, half to values), got {length}")
+        self.layers = parse_layers(self.opts.coda_layers, self.depth, "coda_layers")
+        pool, length, T = self.opts.coda_pool_size, self.opts.coda_length, len(seq)
         if pool < T:
             raise ValueError(f"--coda_pool_size {pool} gives fewer components than the {T} tasks")
         # M/T per task; a remainder goes to the first tasks
@@ -89,7 +108,7 @@ class CodaPrompt(PromptApproach):
         prefixes = {layer: (prompts[i, :, :half], prompts[i, :, half:]) for i, layer in enumerate(self.layers)}
         features = pooled(self.vit, prompted_tokens(self.vit, batch["pixel_values"], prefixes))
         aux = None
-        if task is not None and self.cfg.coda_ortho_mu > 0:
+        if task is not None and self.opts.coda_ortho_mu > 0:
             aux = sum(ortho_penalty(keys[i]) + ortho_penalty(attention[i]) + ortho_penalty(comps[i].flatten(1))
-                      for i in range(len(self.layers))) * self.cfg.coda_ortho_mu
+                      for i in range(len(self.layers))) * self.opts.coda_ortho_mu
         return features, aux

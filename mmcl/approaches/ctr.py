@@ -68,8 +68,9 @@ from torch import nn
 
 from mmcl.approaches import APPROACHES
 from mmcl.approaches.base import with_own_lr
-from mmcl.approaches.hat import Hat, HatAdapter, HatContext
+from mmcl.approaches.hat import Hat, HatAdapter, HatContext, HatOptions
 from mmcl.backbones.text import AdapterSite
+from mmcl.options import option, positive
 
 
 @dataclass
@@ -235,11 +236,30 @@ def parse_kernel_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+@dataclass
+class CtrOptions(HatOptions):
+    title = "CTR options"
+    semantic_cap_size: int = option(3, "dimensions of each task's capsule")
+    num_semantic_cap: int = option(3, "transfer capsules per task (pre-route vectors of semantic_cap_size each)")
+    ctr_filters: int = option(100, "similarity estimator: convolution filters per kernel size")
+    ctr_kernel_sizes: str = option("3,4,5", "similarity estimator: kernel sizes, comma-separated")
+    ctr_ksm_lr_scale: float = option(0.1, "the knowledge-sharing module learns at this x --learning_rate "
+                                          "(PyContinual: 1)")
+    ctr_zero_up: bool = option(True, "the knowledge-sharing module's up-projection starts at zero (PyContinual: "
+                                     "nn.Linear's init)")
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "semantic_cap_size", "num_semantic_cap", "ctr_filters", "ctr_ksm_lr_scale")
+        parse_kernel_sizes(self.ctr_kernel_sizes)
+
+
 @APPROACHES.register("ctr")
 class CTR(Hat):
     """HAT's machinery (hat.py) over the TSMs, plus the knowledge-sharing module at every site."""
 
     name = "ctr"
+    Options = CtrOptions
     masks_dual_text_tower = False  # its routing reads text attention masks: text backbones only
 
     def build_model(self, backbone) -> nn.Module:
@@ -251,22 +271,22 @@ class CTR(Hat):
         return super().build_model(backbone)
 
     def make_context(self) -> CtrContext:
-        return CtrContext(task=0, s=float(self.cfg.smax))
+        return CtrContext(task=0, s=float(self.opts.smax))
 
     def make_plugin(self, site: AdapterSite) -> nn.Module:
-        cfg = self.cfg
-        return CtrPlugin(site.dense.out_features, self.ctx, len(self.seq), cfg.bert_adapter_size, cfg.use_gelu,
-                         cfg.semantic_cap_size, cfg.num_semantic_cap, cfg.ctr_filters,
-                         parse_kernel_sizes(cfg.ctr_kernel_sizes), cfg.ctr_zero_up)
+        o = self.opts
+        return CtrPlugin(site.dense.out_features, self.ctx, len(self.seq), self.adapter_size, o.use_gelu,
+                         o.semantic_cap_size, o.num_semantic_cap, o.ctr_filters, parse_kernel_sizes(o.ctr_kernel_sizes),
+                         o.ctr_zero_up)
 
     def parameter_groups(self) -> list[dict]:
         """The knowledge-sharing modules learn at --ctr_ksm_lr_scale x --learning_rate: they are shared
         by all tasks and unmasked, so their learning rate sets how far earlier tasks' outputs drift."""
         groups = super().parameter_groups()
-        if self.cfg.ctr_ksm_lr_scale == 1.0:
+        if self.opts.ctr_ksm_lr_scale == 1.0:
             return groups
         ksm = [p for m in self.modules() if isinstance(m, KnowledgeSharing) for p in m.parameters()]
-        return with_own_lr(groups, ksm, self.cfg.learning_rate * self.cfg.ctr_ksm_lr_scale)
+        return with_own_lr(groups, ksm, self.cfg.learning_rate * self.opts.ctr_ksm_lr_scale)
 
     def set_context(self, task_id: int, s: float, batch: dict) -> None:
         super().set_context(task_id, s, batch)

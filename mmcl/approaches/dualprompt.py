@@ -10,6 +10,8 @@ Classifier on the pooled ([CLS]) feature; loss CE with past-class logits masked.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,27 +19,42 @@ from torch import nn
 from mmcl.approaches import APPROACHES
 from mmcl.approaches.prompting import PromptApproach, parse_layers, pooled, prompted_tokens
 from mmcl.data.sequence import Task
+from mmcl.options import Options, option
+
+
+@dataclass
+class DualPromptOptions(Options):
+    title = "DualPrompt options"
+    dualprompt_g_layers: str = option("0-1", "blocks with the shared G-prompt")
+    dualprompt_g_length: int = option(5, "G-prompt prefix tokens per key and per value")
+    dualprompt_e_layers: str = option("2-3", "blocks with the per-task E-prompts (paper: 2-4 of ViT-B's 12)")
+    dualprompt_e_length: int = option(20, "E-prompt prefix tokens per key and per value")
+    dualprompt_key_lambda: float = option(1.0, "weight of the E-key matching loss")
+
+    def validate(self) -> None:
+        for flag in ("dualprompt_g_length", "dualprompt_e_length"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
 
 
 @APPROACHES.register("dualprompt")
 class DualPrompt(PromptApproach):
     name = "dualprompt"
+    Options = DualPromptOptions
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         super().__init__(backbone, seq, scenario, cfg)
-        self.g_layers = parse_layers(cfg.dualprompt_g_layers, self.depth, "dualprompt_g_layers")
-        self.e_layers = parse_layers(cfg.dualprompt_e_layers, self.depth, "dualprompt_e_layers")
+        o = self.opts
+        self.g_layers = parse_layers(o.dualprompt_g_layers, self.depth, "dualprompt_g_layers")
+        self.e_layers = parse_layers(o.dualprompt_e_layers, self.depth, "dualprompt_e_layers")
         both = set(self.g_layers) & set(self.e_layers)
         if both:
             raise ValueError(f"--dualprompt_g_layers and --dualprompt_e_layers share blocks {sorted(both)}")
-        for flag in ("dualprompt_g_length", "dualprompt_e_length"):
-            if getattr(cfg, flag) < 1:
-                raise ValueError(f"--{flag} must be >= 1, got {getattr(cfg, flag)}")
         D, T = self.embed_dim, len(seq)
         gen = torch.Generator().manual_seed(cfg.seed)
         uniform = lambda *shape: nn.Parameter(torch.rand(*shape, generator=gen) * 2 - 1)  # noqa: E731
-        self.g_prompt = uniform(len(self.g_layers), 2, cfg.dualprompt_g_length, D)
-        self.e_prompts = nn.ParameterList(uniform(len(self.e_layers), 2, cfg.dualprompt_e_length, D) for _ in range(T))
+        self.g_prompt = uniform(len(self.g_layers), 2, o.dualprompt_g_length, D)
+        self.e_prompts = nn.ParameterList(uniform(len(self.e_layers), 2, o.dualprompt_e_length, D) for _ in range(T))
         self.e_keys = nn.ParameterList(uniform(D) for _ in range(T))
 
     def before_task(self, task: Task) -> None:
@@ -65,6 +82,6 @@ class DualPrompt(PromptApproach):
             prefixes[layer] = (e[:, i, 0], e[:, i, 1])
         features = pooled(self.vit, prompted_tokens(self.vit, batch["pixel_values"], prefixes))
         aux = None
-        if task is not None and self.cfg.dualprompt_key_lambda > 0:
-            aux = self.cfg.dualprompt_key_lambda * (1 - F.cosine_similarity(q, self.e_keys[task.id][None], dim=-1)).mean()
+        if task is not None and self.opts.dualprompt_key_lambda > 0:
+            aux = self.opts.dualprompt_key_lambda * (1 - F.cosine_similarity(q, self.e_keys[task.id][None], dim=-1)).mean()
         return features, aux

@@ -34,6 +34,8 @@ blocks, 3 heads, patch 4; the paper's CIFAR model is width 384, 5 + 1 blocks, 12
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,8 @@ from torch import nn
 from mmcl.approaches import APPROACHES
 from mmcl.approaches.base import Approach, frozen_copy
 from mmcl.data.sequence import Task
-from mmcl.memory import Memory, herding_order
+from mmcl.memory import Memory, MemoryOptions, herding_order
+from mmcl.options import option, positive
 
 
 class TaskAttentionBlock(nn.Module):
@@ -77,14 +80,14 @@ def classifier(dim: int, n: int) -> nn.Module:
 
 
 class DyToxModel(nn.Module):
-    def __init__(self, backbone, layout: list[int], heads: int) -> None:
+    def __init__(self, backbone, layout: list[int]) -> None:
         super().__init__()
         encoder = backbone.model
         if not hasattr(encoder, "local_up_to_layer"):
             raise ValueError(f"--baseline dytox needs --backbone convit, got a {type(encoder).__name__}")
         self.backbone = backbone
         dim = encoder.embed_dim
-        self.tab = TaskAttentionBlock(dim, heads)
+        self.tab = TaskAttentionBlock(dim, encoder.blocks[0].attn.num_heads)  # as many heads as the encoder
         # one token per task, each its own parameter: earlier ones are frozen while later tasks train
         self.task_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, 1, dim)) for _ in layout)
         for token in self.task_tokens:
@@ -124,21 +127,38 @@ def distillation_weight(old_classes: int, seen_classes: int) -> float:
     return old_classes / seen_classes
 
 
+@dataclass
+class DyToxOptions(MemoryOptions):
+    title = "DyTox options"
+    dytox_div_weight: float = option(0.1, "the divergence head's loss weight")
+    dytox_finetune_epochs: int = option(20, "balanced fine-tuning epochs after each task > 0 (paper: 20)")
+    dytox_finetune_lr_scale: float = option(0.1, "its learning rate as a share of --learning_rate (paper: 5e-5 vs 5e-4)")
+    dytox_finetune_tab: bool = option(False, "the balanced fine-tuning also trains the task-attention block "
+                                             "(reference code)")
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "dytox_finetune_lr_scale")
+        if self.dytox_finetune_epochs < 0 or self.dytox_div_weight < 0:
+            raise ValueError("--dytox_finetune_epochs and --dytox_div_weight must be >= 0")
+
+
 @APPROACHES.register("dytox")
 class DyTox(Approach):
     name = "dytox"
     scenarios = ("cil", "til")
     uses_memory = True
     modalities = ("image",)
+    Options = DyToxOptions
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         super().__init__(backbone, seq, scenario, cfg)
-        self.memory = Memory(cfg.memory_size, "class_balanced", seed=cfg.seed)
+        self.memory = Memory(self.opts.memory_size, "class_balanced", seed=cfg.seed)
         self._old: list[DyToxModel] = []  # the model after the previous task (not a submodule)
         self.tasks_seen = 0
 
     def build_model(self, backbone) -> nn.Module:
-        return DyToxModel(backbone, [t.num_classes for t in self.seq], self.cfg.vit_heads)
+        return DyToxModel(backbone, [t.num_classes for t in self.seq])
 
     # -- data -----------------------------------------------------------------------------------
     def memory_rows(self):
@@ -196,7 +216,7 @@ class DyTox(Approach):
         new = targets >= old_classes
         div_targets = torch.where(new, targets - old_classes, torch.full_like(targets, m.layout[t]))
         div = one_hot_bce(m.divergence[t](emb[:, t]).float(), div_targets)
-        return (1 - lam) * bce + lam * kd + self.cfg.dytox_div_weight * div
+        return (1 - lam) * bce + lam * kd + self.opts.dytox_div_weight * div
 
     @torch.no_grad()
     def task_embeddings(self, task: Task) -> torch.Tensor:
@@ -214,13 +234,13 @@ class DyTox(Approach):
         if not self.scenario.global_labels:  # TIL's targets are local: herd per global class
             targets = targets + task.class_offset
         features = self.task_embeddings(task).cpu()
-        quota = max(1, self.cfg.memory_size // self.model.offsets[task.id + 1])
+        quota = max(1, self.opts.memory_size // self.model.offsets[task.id + 1])
         order = []
         for c in np.unique(targets):
             rows = np.flatnonzero(targets == c)
             order += rows[herding_order(features[rows], quota)].tolist()
         self.memory.add_task(task.id, targets.tolist(), order=order)
-        if task.id > 0 and self.cfg.dytox_finetune_epochs > 0:
+        if task.id > 0 and self.opts.dytox_finetune_epochs > 0:
             self.balanced_finetune(task)
 
     def balanced_finetune(self, task: Task) -> None:
@@ -231,11 +251,11 @@ class DyTox(Approach):
         m = self.model
         m.requires_grad_(False)
         params = [m.task_tokens[task.id], *m.heads[task.id].parameters()]
-        if self.cfg.dytox_finetune_tab:
+        if self.opts.dytox_finetune_tab:
             params += list(m.tab.parameters())
         for p in params:
             p.requires_grad_(True)
-        opt = self.prepare_optimizer(torch.optim.AdamW(params, lr=self.cfg.learning_rate * self.cfg.dytox_finetune_lr_scale))
+        opt = self.prepare_optimizer(torch.optim.AdamW(params, lr=self.cfg.learning_rate * self.opts.dytox_finetune_lr_scale))
         # no DDP wrapper here (see below): the step's backward must not wait for other processes' gradients
         step = self.optimizer_step(opt, params)
         data = self.memory_rows()
@@ -245,7 +265,7 @@ class DyTox(Approach):
         bs = self.cfg.train_batch_size * self.world[0]
         m.train()
         steps = -(-len(data) // bs)
-        for epoch in range(self.cfg.dytox_finetune_epochs):
+        for epoch in range(self.opts.dytox_finetune_epochs):
             order = rng.permutation(len(data))
             for i, start in enumerate(range(0, len(order), bs)):
                 batch = self.batch_from_rows(list(data.select(order[start:start + bs].tolist())))
@@ -253,7 +273,7 @@ class DyTox(Approach):
                     logits = m.logits(m.embeddings(batch, list(range(task.id + 1)))).float()
                 loss = one_hot_bce(logits, self.global_targets(batch))
                 step(loss, {"task": f"{task.id} ({task.name})", "phase": "balanced fine-tuning",
-                            "epoch": f"{epoch + 1} of {self.cfg.dytox_finetune_epochs}", "step": f"{i + 1} of {steps}"})
+                            "epoch": f"{epoch + 1} of {self.opts.dytox_finetune_epochs}", "step": f"{i + 1} of {steps}"})
         m.requires_grad_(True)  # before_task sets what the next task trains
 
     # -- inference ------------------------------------------------------------------------------

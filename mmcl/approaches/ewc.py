@@ -6,23 +6,41 @@ Merge across tasks as PyContinual does, F = (F_new + t F_old) / (t + 1), or onli
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from mmcl.approaches import APPROACHES
 from mmcl.approaches.base import Approach, BufferDict, trainable_named_parameters
 from mmcl.data.sequence import Task
+from mmcl.options import Options, option
+
+
+@dataclass
+class EWCOptions(Options):
+    title = "EWC options"
+    lamb: float = option(5000.0, "penalty weight lambda (PyContinual --lamb)")
+    ewc_gamma: float | None = option(None, "unset: PyContinual's running mean of Fishers (F_new + t F_old)/(t+1); "
+                                           "else online EWC, F = gamma F_old + F_new")
+
+    def validate(self) -> None:
+        if self.lamb < 0:
+            raise ValueError(f"--lamb must be >= 0, got {self.lamb}")
+        if self.ewc_gamma is not None and not 0 <= self.ewc_gamma <= 1:
+            raise ValueError(f"--ewc_gamma must be in [0, 1], got {self.ewc_gamma}")
 
 
 @APPROACHES.register("ewc")
 class EWC(Approach):
     name = "ewc"
+    Options = EWCOptions
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         super().__init__(backbone, seq, scenario, cfg)
         params = trainable_named_parameters(self.model)
         self.fisher = BufferDict({n: torch.zeros_like(p) for n, p in params.items()})
         self.anchor = BufferDict({n: p.detach().clone() for n, p in params.items()})
-        self.lamb = cfg.lamb
+        self.lamb = self.opts.lamb
 
     def penalty(self) -> torch.Tensor:
         total = None
@@ -76,8 +94,8 @@ class EWC(Approach):
         with torch.no_grad():
             for name, p in trainable_named_parameters(self.model).items():
                 old = self.fisher[name]
-                if self.cfg.ewc_gamma is None:
+                if self.opts.ewc_gamma is None:
                     self.fisher[name] = (new[name] + t * old) / (t + 1)
                 else:
-                    self.fisher[name] = self.cfg.ewc_gamma * old + new[name]
+                    self.fisher[name] = self.opts.ewc_gamma * old + new[name]
                 self.anchor[name] = p.detach()

@@ -51,6 +51,7 @@ from mmcl.approaches import APPROACHES
 from mmcl.approaches.base import Approach, BufferDict, Progress
 from mmcl.backbones.text import AdapterSite, BertAdapterEncoder
 from mmcl.data.sequence import Task
+from mmcl.options import Options, option, positive
 
 # sigmoid(+-120) is exactly 1 / 0 in float32 and bfloat16: the logit a binarised gate is pushed to
 SNAP_LOGIT = 120.0
@@ -233,11 +234,29 @@ def freeze_layernorms(backbone: nn.Module) -> None:
             p.requires_grad_(False)
 
 
+@dataclass
+class HatOptions(Options):
+    title = "HAT options"
+    smax: float = option(400.0, "s_max of the gates' annealed sigmoid (HAT, and CTR's task-specific module)")
+    thres_cosh: float = option(50.0, "clamp of s*e in the gradient compensation's cosh")
+    thres_emb: float = option(6.0, "the task embeddings are clamped to +-thres_emb after each step")
+    hat_c: float = option(0.75, "weight c of the mask-sparsity regulariser")
+    hat_binarize: bool = option(True, "snap a finished task's gates to exactly 0/1 at smax (False: PyContinual's "
+                                      "soft masks)")
+    use_gelu: bool = option(False, "GELU in the masked adapters (PyContinual's default: ReLU)")
+
+    def validate(self) -> None:
+        positive(self, "smax", "thres_cosh", "thres_emb")
+        if self.hat_c < 0:
+            raise ValueError(f"--hat_c must be >= 0, got {self.hat_c}")
+
+
 @APPROACHES.register("hat")
 class Hat(Approach):
     """HAT-masked adapters at every adapter site of `bert_adapter`; TIL with per-task heads."""
 
     name = "hat"
+    Options = HatOptions
     scenarios = ("til",)
     needs_task_id = True
     modalities = ("text",)
@@ -259,8 +278,8 @@ class Hat(Approach):
                 "whose gradients the task masks zeroed, and earlier tasks would be forgotten"
             )
         super().__init__(backbone, seq, scenario, cfg)
-        self.hat = HatMasks(self.model, cfg.smax, cfg.thres_cosh, cfg.thres_emb)
-        self._s = float(cfg.smax)
+        self.hat = HatMasks(self.model, self.opts.smax, self.opts.thres_cosh, self.opts.thres_emb)
+        self._s = float(self.opts.smax)
         self.binarized_units: list[int] = []  # per task, how many gates `hat_binarize` changed
 
     # -- construction ------------------------------------------------------------------------
@@ -275,8 +294,9 @@ class Hat(Approach):
                 f"--baseline {self.name} puts its plug-ins on the adapter sites of --backbone bert_adapter"
                 f"{' (or --backbone dual --text_backbone bert_adapter)' if self.masks_dual_text_tower else ''}; "
                 f"got --backbone {self.cfg.backbone}"
-                + (f" --text_backbone {self.cfg.text_backbone}" if isinstance(backbone, DualBackbone) else "")
+                + (f" with a {type(encoder).__name__} text tower" if isinstance(backbone, DualBackbone) else "")
             )
+        self.adapter_size = encoder.adapter_size
         self.ctx = self.make_context()
         encoder.set_plugins(self.make_plugin)
         freeze_layernorms(encoder.encoder)
@@ -292,11 +312,10 @@ class Hat(Approach):
         return task is not None and task.modality in self.masked_modalities
 
     def make_context(self) -> HatContext:
-        return HatContext(task=0, s=float(self.cfg.smax))
+        return HatContext(task=0, s=float(self.opts.smax))
 
     def make_plugin(self, site: AdapterSite) -> nn.Module:
-        return HatAdapter(site.dense.out_features, self.cfg.bert_adapter_size, self.ctx, len(self.seq),
-                          self.cfg.use_gelu)
+        return HatAdapter(site.dense.out_features, self.adapter_size, self.ctx, len(self.seq), self.opts.use_gelu)
 
     def set_context(self, task_id: int, s: float, batch: dict) -> None:
         self.ctx.task = task_id
@@ -304,13 +323,13 @@ class Hat(Approach):
 
     # -- hooks ---------------------------------------------------------------------------
     def training_step(self, batch: dict, task: Task) -> torch.Tensor:
-        s = annealed_s(self.progress, self.cfg.smax)
+        s = annealed_s(self.progress, self.opts.smax)
         self._s = s
         self.set_context(task.id, s, batch)
         loss = self.model.loss(batch)
         if not self.masked(task):
             return loss
-        return loss + self.cfg.hat_c * self.hat.regulariser(task.id, s)
+        return loss + self.opts.hat_c * self.hat.regulariser(task.id, s)
 
     def before_optimizer_step(self) -> None:
         if not self.masked(self.current_task):
@@ -327,13 +346,13 @@ class Hat(Approach):
             # an image task on `dual` claims no units: its gates never touched its inputs
             self.binarized_units.append(0)
             return
-        if self.cfg.hat_binarize:
+        if self.opts.hat_binarize:
             self.binarized_units.append(self.hat.binarize(task.id))
         self.hat.consolidate(task.id)
 
     @torch.no_grad()
     def predict(self, batch: dict, task_id: int | None) -> torch.Tensor:
-        self.set_context(task_id, float(self.cfg.smax), batch)
+        self.set_context(task_id, float(self.opts.smax), batch)
         return self.model(batch, task_id)
 
     def extra_state(self) -> dict:

@@ -11,25 +11,40 @@ optional diversity-by-frequency penalty of the paper is not implemented.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmcl.approaches import APPROACHES
 from mmcl.approaches.prompting import PromptApproach, prompted_tokens
+from mmcl.options import Options, option
+
+
+@dataclass
+class L2POptions(Options):
+    title = "L2P options"
+    l2p_pool_size: int = option(10, "prompts in the pool")
+    l2p_length: int = option(5, "tokens per prompt")
+    l2p_top_k: int = option(5, "prompts chosen per example")
+    l2p_key_lambda: float = option(0.1, "weight of the key-matching (surrogate) loss")
+
+    def validate(self) -> None:
+        if not 1 <= self.l2p_top_k <= self.l2p_pool_size:
+            raise ValueError(f"--l2p_top_k must be in 1..--l2p_pool_size ({self.l2p_pool_size}), got {self.l2p_top_k}")
+        if self.l2p_length < 1:
+            raise ValueError(f"--l2p_length must be >= 1, got {self.l2p_length}")
 
 
 @APPROACHES.register("l2p")
 class L2P(PromptApproach):
     name = "l2p"
+    Options = L2POptions
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         super().__init__(backbone, seq, scenario, cfg)
-        pool, length, k = cfg.l2p_pool_size, cfg.l2p_length, cfg.l2p_top_k
-        if not 1 <= k <= pool:
-            raise ValueError(f"--l2p_top_k must be in 1..--l2p_pool_size ({pool}), got {k}")
-        if length < 1:
-            raise ValueError(f"--l2p_length must be >= 1, got {length}")
+        pool, length = self.opts.l2p_pool_size, self.opts.l2p_length
         gen = torch.Generator().manual_seed(cfg.seed)
         # the reference implementation's uniform(-1, 1) initialisation of prompts and keys
         self.prompts = nn.Parameter(torch.rand(pool, length, self.embed_dim, generator=gen) * 2 - 1)
@@ -38,7 +53,7 @@ class L2P(PromptApproach):
     def select(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices (B, k) of the top-k prompts, their cosine similarities (B, k))."""
         sim = F.cosine_similarity(q[:, None], self.prompt_keys[None], dim=-1)  # (B, N)
-        top = sim.topk(self.cfg.l2p_top_k, dim=-1)
+        top = sim.topk(self.opts.l2p_top_k, dim=-1)
         return top.indices, top.values
 
     def prompt_features(self, batch, q, task):
@@ -49,6 +64,6 @@ class L2P(PromptApproach):
         n = self.vit.num_prefix_tokens
         features = tokens[:, n : n + chosen.shape[1]].mean(dim=1)
         aux = None
-        if task is not None and self.cfg.l2p_key_lambda > 0:
-            aux = self.cfg.l2p_key_lambda * (1 - sim).sum(dim=1).mean()
+        if task is not None and self.opts.l2p_key_lambda > 0:
+            aux = self.opts.l2p_key_lambda * (1 - sim).sum(dim=1).mean()
         return features, aux

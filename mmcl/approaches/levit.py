@@ -33,6 +33,7 @@ that component's (fused) logits are the prediction.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.approaches import APPROACHES
-from mmcl.approaches.online import OnlineApproach, StreamMemory, image_shape
+from mmcl.approaches.online import OnlineApproach, OnlineReplayOptions, StreamMemory, image_shape
+from mmcl.options import option, positive
 
 
 class ViTExpert(nn.Module):
@@ -92,13 +94,13 @@ class VAE(nn.Module):
 class Component(nn.Module):
     """Expert + classifier + VAE + the gate over the features of the `num_prior` earlier experts and its own."""
 
-    def __init__(self, cfg, shape: tuple[int, int, int], num_classes: int, num_prior: int) -> None:
+    def __init__(self, opts, shape: tuple[int, int, int], num_classes: int, num_prior: int) -> None:
         super().__init__()
-        patch = cfg.levit_patch_size or max(1, shape[1] // 4)
-        self.expert = ViTExpert(shape, patch, cfg.levit_embed_dim, cfg.levit_heads, cfg.levit_mlp_dim)
-        self.vae = VAE(shape[0] * shape[1] * shape[2], cfg.levit_vae_hidden, cfg.levit_latent_dim)
+        patch = opts.levit_patch_size or max(1, shape[1] // 4)
+        self.expert = ViTExpert(shape, patch, opts.levit_embed_dim, opts.levit_heads, opts.levit_mlp_dim)
+        self.vae = VAE(shape[0] * shape[1] * shape[2], opts.levit_vae_hidden, opts.levit_latent_dim)
         self.gate = nn.Parameter(torch.zeros(num_prior + 1))
-        self.classifier = nn.Linear(cfg.levit_embed_dim, num_classes)
+        self.classifier = nn.Linear(opts.levit_embed_dim, num_classes)
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # optimiser steps taken (saved)
 
     def gate_weights(self) -> torch.Tensor:
@@ -112,13 +114,13 @@ class Component(nn.Module):
 
 
 class LEViTModel(nn.Module):
-    def __init__(self, cfg, shape: tuple[int, int, int], num_classes: int) -> None:
+    def __init__(self, opts, shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__()
-        self.cfg, self.shape, self.num_classes = cfg, shape, num_classes
+        self.opts, self.shape, self.num_classes = opts, shape, num_classes
         self.components = nn.ModuleList()
 
     def add_component(self, device: torch.device | None = None) -> Component:
-        comp = Component(self.cfg, self.shape, self.num_classes, num_prior=len(self.components))
+        comp = Component(self.opts, self.shape, self.num_classes, num_prior=len(self.components))
         self.components.append(comp.to(device) if device is not None else comp)
         return comp
 
@@ -152,23 +154,48 @@ class LEViTModel(nn.Module):
         return logits[torch.arange(len(x), device=x.device), route]
 
 
+@dataclass
+class LEViTOptions(OnlineReplayOptions):
+    title = "LEViT options"
+    levit_gamma: float = option(0.6, "expansion threshold on the VAE loss (per task sequence in tasks/*.yaml)")
+    levit_embed_dim: int = option(100, "expert width (paper: 100)")
+    levit_patch_size: int | None = option(None, "expert patch side (default: a quarter of the image side; paper: "
+                                                "7 on 28 px)")
+    levit_heads: int = option(4, "expert attention heads")
+    levit_mlp_dim: int = option(200, "the expert's FC layer (paper: 200)")
+    levit_latent_dim: int = option(50, "VAE latent size (paper: 50 for MNIST)")
+    levit_vae_hidden: int = option(400, "VAE hidden width")
+    levit_max_experts: int = option(20, "growth stops here (a low gamma would otherwise add one per memory fill)")
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "levit_embed_dim", "levit_heads", "levit_mlp_dim", "levit_latent_dim", "levit_vae_hidden",
+                 "levit_max_experts")
+        if self.levit_gamma < 0:
+            raise ValueError(f"--levit_gamma must be >= 0, got {self.levit_gamma}")
+        if self.levit_embed_dim % self.levit_heads:
+            raise ValueError(f"--levit_embed_dim {self.levit_embed_dim} must be divisible by --levit_heads "
+                             f"{self.levit_heads}")
+        if self.memory_size <= 0:
+            raise ValueError("--baseline levit needs --memory_size > 0 (its short-term memory)")
+
+
 @APPROACHES.register("levit", aliases=("lifelong_vit",))
 class LEViT(OnlineApproach):
     name = "levit"
     uses_memory = True
+    Options = LEViTOptions
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         super().__init__(backbone, seq, scenario, cfg)
-        if cfg.memory_size <= 0:
-            raise ValueError("--baseline levit needs --memory_size > 0 (its short-term memory)")
-        self.memory = StreamMemory(cfg.memory_size, self.input_shape, "fifo", seed=cfg.seed)
+        self.memory = StreamMemory(self.opts.memory_size, self.input_shape, "fifo", seed=cfg.seed)
         self.current = True  # the last component trains
         self.last_check = 0  # stream position of the last expansion check
         self.created_at: list[int] = [0]  # stream position where each component was created
         self.checks: list[dict[str, Any]] = []  # every expansion check: position, score, expanded
 
     def build_model(self, backbone) -> nn.Module:
-        model = LEViTModel(self.cfg, image_shape(backbone), self.seq.total_classes)
+        model = LEViTModel(self.opts, image_shape(backbone), self.seq.total_classes)
         model.add_component()
         return model
 
@@ -190,12 +217,12 @@ class LEViT(OnlineApproach):
         loss = None
         if self.current:
             step = self.stepper()
-            for k in range(self.cfg.online_iters):
-                mem = self.memory.sample(self.cfg.replay_batch_size)
+            for k in range(self.opts.online_iters):
+                mem = self.memory.sample(self.opts.replay_batch_size)
                 bx, by = (torch.cat([x, mem[0]]), torch.cat([y, mem[1]])) if mem is not None else (x, y)
                 with self.autocast():
                     loss = self.component_loss(bx, by)
-                step(loss, {"expert": len(self.components) - 1, "iteration": f"{k + 1} of {self.cfg.online_iters}"})
+                step(loss, {"expert": len(self.components) - 1, "iteration": f"{k + 1} of {self.opts.online_iters}"})
                 self.components[-1].steps += 1
         self.memory.add(x, y)
         if self.memory.full and int(self.memory.seen) - self.last_check >= self.memory.size:
@@ -223,7 +250,7 @@ class LEViT(OnlineApproach):
         self.last_check = int(self.memory.seen)
         self.freeze_current()
         score = self.novelty()
-        expand = score > self.cfg.levit_gamma and len(self.components) < self.cfg.levit_max_experts
+        expand = score > self.opts.levit_gamma and len(self.components) < self.opts.levit_max_experts
         if expand:
             self.model.add_component(self.device)
             self.current = True

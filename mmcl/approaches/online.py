@@ -18,6 +18,7 @@ resumed stream restarts them at the hidden boundary it resumes from).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from torch import nn
 
 from mmcl.approaches import APPROACHES
 from mmcl.approaches.base import Approach
+from mmcl.memory import MemoryOptions
+from mmcl.options import Options, option, positive
 
 
 class StreamMemory(nn.Module):
@@ -105,11 +108,44 @@ def image_shape(backbone) -> tuple[int, int, int]:
     return (shape[2], shape[0], shape[1]) if len(shape) == 3 else (1, shape[0], shape[1])
 
 
+@dataclass
+class OnlineOptions(Options):
+    title = "online learner options"
+    online_iters: int = option(1, "gradient steps per incoming batch, the same for every online learner")
+
+    def validate(self) -> None:
+        positive(self, "online_iters")
+
+
+@dataclass
+class OnlineReplayOptions(OnlineOptions, MemoryOptions):
+    title = "online replay options"
+    replay_batch_size: int = option(10, "memory examples per step (online_replay, mir, levit)")
+
+    def validate(self) -> None:
+        OnlineOptions.validate(self)
+        MemoryOptions.validate(self)
+        positive(self, "replay_batch_size")
+
+
+@dataclass
+class MIROptions(OnlineReplayOptions):
+    title = "MIR options"
+    mir_candidates: int = option(50, "memory examples scored per step; the --replay_batch_size most interfered "
+                                      "are replayed")
+    mir_virtual_lr: float = option(0.1, "SGD step of the virtual update (the paper's lr)")
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "mir_candidates", "mir_virtual_lr")
+
+
 class OnlineApproach(Approach):
     """A learner of the task-free stream: `observe` takes --online_iters optimiser steps per batch."""
 
     scenarios = ("online",)
     modalities = ("image",)
+    Options = OnlineOptions
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         super().__init__(backbone, seq, scenario, cfg)
@@ -143,10 +179,10 @@ class OnlineApproach(Approach):
 
     def observe(self, batch: dict) -> float:
         x, y = batch["pixel_values"], batch["labels"]
-        for k in range(self.cfg.online_iters):
+        for k in range(self.opts.online_iters):
             with self.autocast():
                 loss = self.step_loss(x, y)
-            self.stepper()(loss, {"iteration": f"{k + 1} of {self.cfg.online_iters}"})
+            self.stepper()(loss, {"iteration": f"{k + 1} of {self.opts.online_iters}"})
         self.after_observe(x, y)
         return float(loss.detach())
 
@@ -164,13 +200,14 @@ class OnlineFinetune(OnlineApproach):
 class OnlineReplay(OnlineApproach):
     name = "online_replay"
     uses_memory = True
+    Options = OnlineReplayOptions
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         super().__init__(backbone, seq, scenario, cfg)
-        self.memory = StreamMemory(cfg.memory_size, self.input_shape, "reservoir", seed=cfg.seed)
+        self.memory = StreamMemory(self.opts.memory_size, self.input_shape, "reservoir", seed=cfg.seed)
 
     def replay(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return self.memory.sample(self.cfg.replay_batch_size)
+        return self.memory.sample(self.opts.replay_batch_size)
 
     def step_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         mem = self.replay(x, y)
@@ -188,13 +225,14 @@ class OnlineReplay(OnlineApproach):
 @APPROACHES.register("mir", aliases=("online_mir",))
 class MIR(OnlineReplay):
     name = "mir"
+    Options = MIROptions
 
     def replay(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        cand = self.memory.sample(self.cfg.mir_candidates)
+        cand = self.memory.sample(self.opts.mir_candidates)
         if cand is None:
             return None
         cx, cy = cand
-        k = self.cfg.replay_batch_size
+        k = self.opts.replay_batch_size
         if len(cy) <= k:
             return cand
         from torch.func import functional_call
@@ -202,7 +240,7 @@ class MIR(OnlineReplay):
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         grads = torch.autograd.grad(self.ce(x, y), list(named.values()), allow_unused=True)
         with torch.no_grad():
-            virtual = {n: p - self.cfg.mir_virtual_lr * g if g is not None else p
+            virtual = {n: p - self.opts.mir_virtual_lr * g if g is not None else p
                        for (n, p), g in zip(named.items(), grads)}
             before = F.cross_entropy(self.logits(cx).float(), cy, reduction="none")
             after = F.cross_entropy(functional_call(self.model, virtual, ({"pixel_values": cx},)).float(), cy,

@@ -5,23 +5,38 @@ after each task from the whole task, so every process holds the same memory.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from mmcl.approaches import APPROACHES
 from mmcl.approaches.base import Approach
 from mmcl.data.sequence import Task
-from mmcl.memory import Memory
+from mmcl.memory import Memory, MemoryOptions
+from mmcl.options import option
+
+
+@dataclass
+class ReplayOptions(MemoryOptions):
+    title = "replay options"
+    buffer: str = option("reservoir", "how the memory is filled: reservoir | class_balanced")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.buffer not in Memory.strategies:
+            raise ValueError(f"--buffer must be one of {', '.join(Memory.strategies)}, got '{self.buffer}'")
 
 
 @APPROACHES.register("replay", aliases=("er",))
 class Replay(Approach):
     name = "replay"
     uses_memory = True
+    Options = ReplayOptions
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         super().__init__(backbone, seq, scenario, cfg)
-        self.memory = Memory(cfg.memory_size, cfg.buffer, seed=cfg.seed)
+        self.memory = Memory(self.opts.memory_size, self.opts.buffer, seed=cfg.seed)
         self._rng = np.random.default_rng(cfg.seed)
 
     def before_task(self, task: Task) -> None:

@@ -41,8 +41,26 @@ def build_backbone(cfg, spec: BackboneSpec) -> Backbone:
         if not looks_like_hf_model(cfg.backbone):
             raise
         factory = BACKBONES.get("bert")
-        cfg.bert_model = cfg.backbone
+        cfg.options["bert_model"] = cfg.backbone
     return factory(cfg, spec)
 
 
-__all__ = ["BACKBONES", "Backbone", "BackboneSpec", "build_backbone", "check_backbone_name"]
+def backbone_option_classes(name: str, options: dict) -> list[type]:
+    """The Options classes a backbone uses: its own, and for a backbone with towers (`dual`) theirs too."""
+    from mmcl.registry import UnknownNameError
+
+    try:
+        factory = BACKBONES.get(name)
+    except UnknownNameError:
+        factory = BACKBONES.get("bert")  # a Hugging Face id or folder is a `bert` encoder
+    cls = getattr(factory, "Options", None)
+    if cls is None:
+        return []
+    classes = [cls]
+    if hasattr(cls, "towers"):
+        for tower in cls.from_values(options).towers():
+            classes += [c for c in backbone_option_classes(tower, options) if c not in classes]
+    return classes
+
+
+__all__ = ["BACKBONES", "Backbone", "BackboneSpec", "backbone_option_classes", "build_backbone", "check_backbone_name"]

@@ -14,6 +14,7 @@ training collate per modality: `Approach.batches_from_refs`, `ModalityGroups`).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from mmcl.backbones import BACKBONES, build_backbone
 from mmcl.backbones.base import Backbone, BackboneSpec
+from mmcl.options import Options, option, positive
 
 MODALITY_KEY = "modality"
 
@@ -90,11 +92,32 @@ class DualBackbone(Backbone):
         return self.shared(self.proj[modality](h))
 
 
+@dataclass
+class DualOptions(Options):
+    title = "dual backbone options"
+    text_backbone: str = option("bert_adapter", "the text tower: any text backbone (bert, bert_frozen, bert_adapter, "
+                                                "bert_lora, a Hugging Face id)")
+    vision_backbone: str = option("vit", "the vision tower: vit or convit")
+    dual_dim: int = option(256, "the shared feature width both towers are projected to")
+    dual_shared_layers: int = option(1, "residual MLP blocks on top, shared by both modalities (0: projections only)")
+
+    def validate(self) -> None:
+        positive(self, "dual_dim")
+        if self.dual_shared_layers < 0:
+            raise ValueError(f"--dual_shared_layers must be >= 0, got {self.dual_shared_layers}")
+        for flag in ("text_backbone", "vision_backbone"):
+            if getattr(self, flag) in DUAL_NAMES:
+                raise ValueError(f"--{flag} {getattr(self, flag)}: a tower must be a single-modality backbone")
+
+    def towers(self) -> list[str]:
+        return [self.text_backbone, self.vision_backbone]
+
+
 def _tower(cfg, spec: BackboneSpec, flag: str, modality: str) -> Backbone:
-    name = getattr(cfg, flag)
+    name = getattr(DualOptions.from_values(cfg.options), flag)
     if name in DUAL_NAMES:
         raise ValueError(f"--{flag} {name}: a tower must be a single-modality backbone")
-    sub = dataclasses.replace(cfg, backbone=name)  # a copy: build_backbone may set bert_model on it
+    sub = dataclasses.replace(cfg, backbone=name, options=dict(cfg.options))  # build_backbone may set bert_model
     tower = build_backbone(sub, spec)  # the whole spec: a tower of the wrong kind is caught just below
     if tower.modality != modality:
         raise ValueError(f"--{flag} {name} encodes {tower.modality!r}, but the {modality} tower needs a {modality} backbone")
@@ -104,12 +127,13 @@ def _tower(cfg, spec: BackboneSpec, flag: str, modality: str) -> Backbone:
 DUAL_NAMES = ("dual", "text_vision")
 
 
-@BACKBONES.register("dual", aliases=("text_vision",))
+@BACKBONES.register("dual", aliases=("text_vision",), options=DualOptions)
 def dual(cfg, spec: BackboneSpec) -> DualBackbone:
     """Towers only for the modalities the sequence has (no MiniLM loaded for an image-only sequence)."""
+    o = DualOptions.from_values(cfg.options)
     towers: dict[str, Backbone] = {}
     if "text" in spec.modalities:
         towers["text"] = _tower(cfg, spec, "text_backbone", "text")
     if "image" in spec.modalities:
         towers["image"] = _tower(cfg, spec, "vision_backbone", "image")
-    return DualBackbone(towers, cfg.dual_dim, cfg.dual_shared_layers)
+    return DualBackbone(towers, o.dual_dim, o.dual_shared_layers)

