@@ -146,7 +146,7 @@ def layout_sequence(config: dict[str, Any]):
 
 def load_into(approach, folder: Path, config: dict[str, Any]) -> None:
     """The folder's weights (safetensors) and approach state into a freshly built approach."""
-    from mmcl.engine import load_approach_weights
+    from mmcl.rundir import load_approach_weights
 
     # state first: a grown approach (LEViT's experts) rebuilds its modules before the weights load
     approach.load_extra_state(config.get("approach_state", {}))

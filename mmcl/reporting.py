@@ -20,7 +20,7 @@ from mmcl.metrics import AccuracyMatrix
 
 __all__ = [
     "METRICS_FILE", "RESULTS_FILE", "PLOT_FILE",
-    "load_metrics", "plot_accuracy_matrix", "results_markdown", "run_status", "write_benchmark", "write_json_atomic",
+    "load_metrics", "plot_accuracy_matrix", "results_markdown", "run_meta", "run_status", "write_benchmark", "write_json_atomic",
     "write_report", "write_text_atomic",
 ]
 
@@ -251,6 +251,22 @@ def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | os.PathLike,
 
     # Temp name ends in .png so nothing downstream ever mistakes the format.
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True, suffix=".png")
+
+
+def run_meta(cfg, seq, spec, approach, num_processes: int, minutes: list[float], history: list[dict]) -> dict[str, Any]:
+    """What metrics.json and results.md say about a run besides its matrices."""
+    from mmcl import __version__
+
+    return {
+        "task_sequence": seq.name, "tasks": [t.name for t in seq], "modalities": [t.modality for t in seq],
+        "classes": [t.classes for t in seq], "image_shape": list(spec.image_shape) if spec.image_shape else None,
+        "backbone": cfg.backbone, "approach": cfg.baseline, "scenario": cfg.scenario, "seed": cfg.seed,
+        "idrandom": cfg.idrandom, "num_processes": num_processes, "mixed_precision": cfg.mixed_precision,
+        "parameters": sum(p.numel() for p in approach.parameters()),
+        "trainable_parameters": sum(p.numel() for p in approach.parameters_to_train() if p.requires_grad),
+        "minutes_per_task": minutes, "minutes": round(sum(minutes), 3), "mmcl_version": __version__,
+        **({"history": history} if history else {}),
+    }
 
 
 # -- run directory ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -81,6 +82,41 @@ class RunDir:
     def __init__(self, path: str | os.PathLike, is_main: bool = True) -> None:
         self.path = Path(path)
         self.is_main = is_main
+        self.created = False  # by this process, now: a run whose set-up fails removes it again
+
+    @classmethod
+    def open(cls, cfg, accelerator) -> "RunDir":
+        """Create (or, with --resume, reopen) the run directory and write config.yaml, before any data is
+        read, so that an output directory that cannot be written fails at once."""
+        from accelerate.utils import broadcast_object_list
+
+        if cfg.resume:
+            path = Path(cfg.resume)
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            name = cfg.run_name or f"{Path(cfg.task).stem}-{cfg.backbone.replace('/', '_')}-{cfg.baseline}-{stamp}"
+            path = Path(cfg.output_dir) / name
+        path = Path(broadcast_object_list([str(path)])[0])  # one name for all processes
+        run_dir = cls(path, accelerator.is_main_process)
+        run_dir.created = not path.exists()
+        if not cfg.resume and (path / "metrics.json").exists():
+            if not cfg.overwrite:
+                raise FileExistsError(f"run directory '{path}' already holds a run: pass --resume {path} to continue "
+                                      f"it, --overwrite to replace it, or another --run_name")
+            if run_dir.is_main:
+                shutil.rmtree(path)
+        accelerator.wait_for_everyone()
+        if run_dir.is_main:
+            if not cfg.resume:
+                check_output_dir(Path(cfg.output_dir), "--output_dir")
+            check_output_dir(path, "--resume" if cfg.resume else "--run_name")
+        run_dir.write_config(cfg)
+        return run_dir
+
+    def remove_if_unused(self) -> None:
+        """After a failed set-up: remove the directory this run created, if it holds only its config.yaml."""
+        if self.created and self.is_main and {p.name for p in self.path.iterdir()} <= {CONFIG_FILE}:
+            shutil.rmtree(self.path, ignore_errors=True)
 
     @property
     def checkpoints(self) -> Path:
@@ -137,6 +173,30 @@ class RunDir:
         done = self.done_tasks()
         return self.checkpoints / f"task_{done[0]}" if done else None
 
+    def read_checkpoint(self, path: Path, expected: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's state; a CheckpointError if it is unreadable or belongs to another run."""
+        state = self.read_state(path)
+        wrong = {k: (state.get(k), v) for k, v in expected.items() if k in state and state.get(k) != v}
+        if wrong:
+            raise CheckpointError(f"checkpoint '{path}' does not belong to this run: {wrong} (found, expected)")
+        return state
+
+    def failure(self, kind: str, message: str, where: dict[str, Any], checkpoints: bool) -> dict[str, Any]:
+        """The reason a failed run records, its message saying where to resume from."""
+        last = self.last_checkpoint()
+        if last is not None:
+            done = int(last.name.split("_")[1])
+            resume = (f"last good checkpoint: {last} (tasks 0..{done} finished); `mmcl run --resume {self.path}` "
+                      f"continues from task {done + 1}")
+        else:
+            why = "no task finished" if checkpoints else "checkpoints are off (--no-save_checkpoints)"
+            resume = f"{why}, so there is no checkpoint; `mmcl run --resume {self.path}` starts again from task 0"
+        if kind == "non-finite":
+            resume += " (with, say, a lower --learning_rate: a run that diverged may change its optimisation flags)"
+        full = f"{message}. The run stopped and {self.path / 'metrics.json'} marks it failed; {resume}"
+        return {"kind": kind, "message": full, **{k: str(v) for k, v in where.items()},
+                "last_checkpoint": str(last) if last else None}
+
     def read_state(self, path: Path) -> dict[str, Any]:
         try:
             with open(path / "state.json", encoding="utf-8") as f:
@@ -156,3 +216,15 @@ class RunDir:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return {}
         return doc if isinstance(doc, dict) else {}
+
+
+def load_approach_weights(approach, file: Path) -> None:
+    """safetensors only (never pickle); a clear error when the file is corrupt or does not fit."""
+    from safetensors.torch import load_model
+
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file '{file}' is missing")
+    try:
+        load_model(approach, str(file), strict=True, device=str(next(approach.parameters()).device))
+    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        raise CheckpointError(f"checkpoint '{file}' cannot be loaded into this model: {e}") from e

@@ -46,3 +46,27 @@ class StreamBatch(dict):
 
 def hide_task(batch: dict) -> StreamBatch:
     return StreamBatch({k: v for k, v in batch.items() if k not in HIDDEN_KEYS})
+
+
+def learn_stream(approach, loader, segment) -> dict[str, Any]:
+    """Hand a learner one segment of the task-free stream, batch by batch; the segment's log record.
+
+    The learner gets neither the task nor any hook at its end: only `observe(batch)` with the task id
+    columns removed; it owns its optimiser, since no boundary tells it when to renew one. No autocast
+    here: the learner takes several optimiser steps per batch and wraps each one (`Approach.autocast`),
+    since an autocast region caches the low-precision weights for its whole length."""
+    from mmcl.engine_errors import NonFiniteError
+
+    approach.train()
+    losses = []
+    for i, batch in enumerate(loader):
+        try:
+            loss = approach.observe(hide_task(batch))
+        except NonFiniteError as e:  # the learner knows its step; where in the stream is the evaluator's
+            where = {"segment": f"{segment.id} ({segment.name})", "stream batch": f"{i + 1} of {len(loader)}", **e.where}
+            raise NonFiniteError(e.what, e.value, where) from e
+        if loss is not None:
+            losses.append(float(loss))
+    return {"event": "stream", "segment": segment.id, "batches": len(loader),
+            "loss": sum(losses) / len(losses) if losses else None,  # None: nothing trained (LEViT all frozen)
+            **approach.stream_stats()}

@@ -31,7 +31,8 @@ def worker(args) -> None:
     import torch
 
     from mmcl.flags import build_config
-    from mmcl.engine import Engine, make_optimizer
+    from mmcl.engine import Engine
+    from mmcl.optim import make_optimizer
 
     cfg = build_config(dict(run_settings(args), baseline=args.approach))
     engine = Engine(cfg)
@@ -100,7 +101,7 @@ def main() -> None:
 
     from mmcl.flags import build_config
     from mmcl.data import load_task_sequence
-    from mmcl.engine import reader_context
+    from mmcl.data.prepare import reader_context
 
     # the workers' own sequence (same settings), so the last index is theirs
     last = len(load_task_sequence(args.task, reader_context(build_config(run_settings(args))))) - 1

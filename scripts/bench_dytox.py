@@ -37,7 +37,8 @@ def main() -> None:
     import torch
 
     from mmcl.flags import build_config
-    from mmcl.engine import Engine, make_optimizer
+    from mmcl.engine import Engine
+    from mmcl.optim import make_optimizer
 
     cfg = build_config({"task": args.task, "backbone": "convit", "baseline": "dytox", "scenario": "cil",
                         "progress": False, "save_checkpoints": False, "train_batch_size": args.batch_size})

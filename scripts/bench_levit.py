@@ -145,7 +145,7 @@ def side_of(task: str, common: dict) -> int:
 
     from mmcl.flags import build_config
     from mmcl.data import load_task_sequence
-    from mmcl.engine import reader_context
+    from mmcl.data.prepare import reader_context
 
     cfg = build_config({**common, "baseline": "levit", "ntasks": 1})
     seq = load_task_sequence(task, reader_context(cfg))

@@ -47,7 +47,8 @@ def measure(label: str, args) -> dict:
     import torch
 
     from mmcl.flags import build_config
-    from mmcl.engine import Engine, make_optimizer
+    from mmcl.engine import Engine
+    from mmcl.optim import make_optimizer
 
     cfg = build_config({"task": args.task, "backbone": "vit", "scenario": "cil", "progress": False,
                         "save_checkpoints": False, "train_batch_size": args.batch_size,

@@ -32,7 +32,8 @@ def worker(args) -> None:
     import torch
 
     from mmcl.flags import build_config
-    from mmcl.engine import Engine, make_optimizer
+    from mmcl.engine import Engine
+    from mmcl.optim import make_optimizer
 
     cfg = build_config({"task": args.task, "backbone": args.backbone, "baseline": "finetune", "progress": False,
                         "save_checkpoints": False, "mixed_precision": args.mixed_precision})

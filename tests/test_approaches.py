@@ -157,7 +157,7 @@ def test_cil_head_predicts_only_seen_classes(tmp_path):
 
 
 def test_head_lr_gives_heads_their_own_learning_rate(tmp_path):
-    from mmcl.engine import make_optimizer
+    from mmcl.optim import make_optimizer
 
     engine = built(tmp_path, "finetune", learning_rate=1e-4, head_lr=1e-2)
     approach = engine.approach

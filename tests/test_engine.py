@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, synthetic_image_sequence, tiny_config
-from mmcl.engine import CheckpointError, Engine
+from mmcl.engine import Engine
+from mmcl.engine_errors import CheckpointError
 
 
 def run(tmp_path, **kw):
@@ -110,7 +111,7 @@ def test_text_evaluation_splits_are_length_sorted_and_complete():
     from mmcl.backbones import BackboneSpec, build_backbone
     from mmcl.config import RunConfig
     from mmcl.data.sequence import Task, get_scenario
-    from mmcl.engine import prepare_task
+    from mmcl.data.prepare import prepare_task
 
     texts = ["a b c d e f g h", "good", "a fine phone with a long battery life", "bad screen", "ok"]
     split = lambda: Dataset.from_dict({"text": texts, "label": [0, 1, 0, 1, 0]})  # noqa: E731

@@ -89,7 +89,7 @@ def test_hat_preserves_task0_exactly_while_learning_task1(hat_run):
 def test_hat_masks_travel_with_checkpoints(hat_run, tmp_path):
     from safetensors.torch import save_model
 
-    from mmcl.engine import load_approach_weights
+    from mmcl.rundir import load_approach_weights
 
     approach = hat_run["engine"].approach
     saved = {n: approach.hat.cumulative[n].clone() for n in approach.hat.cumulative.keys()}
@@ -317,7 +317,7 @@ def test_ctr_trains_two_tasks_and_keeps_task0(ctr_run):
 
 def test_ctr_ksm_learning_rate_and_zero_up(tmp_path):
     from mmcl.approaches.ctr import CtrPlugin
-    from mmcl.engine import make_optimizer
+    from mmcl.optim import make_optimizer
 
     cfg = tiny_config(tmp_path, task="toytext", backbone="bert_adapter", baseline="ctr", bert_adapter_size=8,
                       max_seq_length=32, learning_rate=1e-3, ctr_ksm_lr_scale=0.01, head_lr=1e-2, ctr_zero_up=True,

@@ -309,7 +309,7 @@ def test_nli_missing_data_names_the_layouts(tmp_path):
     with pytest.raises(DataNotFoundError, match="multinli_1.0_train.jsonl"):
         load_task_sequence("nli", ReaderContext(data_dir=tmp_path))
     with pytest.raises(ValueError, match="unknown genre"):
-        from mmcl.data.text import read_nli
+        from mmcl.data.nli import read_nli
 
         read_nli({"genres": ["fiction", "fictoin"]}, ReaderContext(data_dir=tmp_path))
 

@@ -9,6 +9,7 @@ from conftest import synthetic_image_sequence, tiny_config
 from mmcl.approaches import APPROACHES
 from mmcl.approaches.online import OnlineFinetune, StreamMemory
 from mmcl.engine import Engine
+from mmcl.rundir import RunDir
 from mmcl.stream import StreamBatch, TaskIdLeak, hide_task
 
 
@@ -216,7 +217,7 @@ def test_levit_resume_at_a_hidden_boundary_rebuilds_the_experts(tmp_path):
     assert len(full.approach.components) > 2
     part = online_engine(tmp_path / "b", **kw)
     part.setup()
-    part.make_run_dir()
+    part.rundir = RunDir.open(part.cfg, part.accelerator)
     # train the first two hidden segments and checkpoint, as an interrupted run would have
     for task in part.seq.tasks[:2]:
         part.train_stream(task)

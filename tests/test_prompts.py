@@ -8,6 +8,7 @@ from conftest import synthetic_image_sequence, tiny_config
 
 from mmcl.approaches.prompting import embed, mask_past_classes, orthogonal_rows, parse_layers, prompted_tokens, run_blocks
 from mmcl.engine import Engine
+from mmcl.rundir import RunDir
 
 PROMPT_FLAGS = dict(scenario="cil", vit_depth=2, coda_layers="0-1", coda_pool_size=10, coda_length=4,
                     l2p_pool_size=6, l2p_length=2, l2p_top_k=3, dualprompt_g_layers="0", dualprompt_e_layers="1",
@@ -128,7 +129,7 @@ def test_backbone_is_bit_identical_after_a_continual_run(tmp_path, baseline):
     start = backbone_state(engine.approach)
     prompts_start = {n: p.detach().clone() for n, p in engine.approach.named_parameters()
                      if not n.startswith("model.backbone")}
-    engine.make_run_dir()
+    engine.rundir = RunDir.open(engine.cfg, engine.accelerator)
     for task in engine.seq:
         engine.train_task(task)
     end = backbone_state(engine.approach)

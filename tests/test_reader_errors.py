@@ -17,7 +17,7 @@ import pytest
 
 from mmcl.data import DataFormatError, ReaderContext, load_task_sequence
 from mmcl.data import READERS
-from mmcl.data.text import read_order_file
+from mmcl.data.common import read_order_file
 from mmcl.data.vision import IdxFormatError
 
 

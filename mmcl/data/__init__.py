@@ -17,7 +17,8 @@ from mmcl.data.sequence import SCENARIOS, Scenario, Task, TaskSequence, get_scen
 from mmcl.registry import Registry, UnknownNameError
 
 READERS: Registry = Registry("reader")
-READERS.add_loader(lambda: __import__("mmcl.data.text"))
+for _family in ("vader", "pycontinual", "nli"):  # one module per dataset family
+    READERS.add_loader(lambda m=_family: __import__(f"mmcl.data.{m}"))
 READERS.add_loader(lambda: __import__("mmcl.data.vision"))
 READERS.add_loader(lambda: __import__("mmcl.data.mixed"))
 

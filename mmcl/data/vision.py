@@ -17,7 +17,7 @@ import numpy as np
 from mmcl.data import READERS, DataFormatError, DataNotFoundError, ReaderContext
 from mmcl.data.files import GZIP_MAGIC, gunzip, read_bytes, read_text_file
 from mmcl.data.sequence import Task, TaskSequence, check_labels
-from mmcl.data.text import seeded_rng, seeded_subset, take_first_tasks, train_cap
+from mmcl.data.common import seeded_rng, seeded_subset, take_first_tasks, train_cap
 
 if TYPE_CHECKING:
     import datasets
