@@ -25,9 +25,13 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.distributed
+
 SCRIPT = str(Path(__file__).with_name("distributed_runs.py"))
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-APPROACHES = "finetune,ewc,replay,lwf,joint,one,dytox"
+# the approaches with their own cross-process logic (replay's global memory, EWC's Fisher, LwF's teacher,
+# DyTox's global-batch fine-tuning); joint and one add nothing to it and run under -m slow
+APPROACHES = "finetune,ewc,replay,lwf,dytox"
 
 # Weights, max |w_1process - w_2processes| over every tensor of the state dict (trained weights, Fisher,
 # anchors, old models). Measured: up to 5.2e-7 at every snapshot up to 4 steps into task 1 (DyTox: 4.0e-6 at
@@ -191,13 +195,13 @@ def free_port() -> int:
 
 def test_two_machines_on_loopback_complete_a_run(one_process, tmp_path):
     port = free_port()
-    procs = [subprocess.Popen(launch_args(2, 2, rank, port) + [SCRIPT, str(tmp_path), "8", "finetune,replay"],
+    procs = [subprocess.Popen(launch_args(2, 2, rank, port) + [SCRIPT, str(tmp_path), "8", "replay"],
                               cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in (0, 1)]
     outs = [p.communicate(timeout=600) for p in procs]
     for rank, (p, (_, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"machine {rank}: {err[-3000:]}"
-    found = results(tmp_path, "finetune,replay")
+    found = results(tmp_path, "replay")
     assert_same({k: one_process[k] for k in found}, found, processes=2)
 
 
@@ -206,3 +210,9 @@ def test_two_processes_equal_one_process_for_hat_and_ctr(tmp_path):
     """HAT's gradient blocking and compensation and CTR's routing run after DDP's all-reduce (minutes)."""
     runs = {procs: run(procs, tmp_path / str(procs), "hat,ctr", timeout=900) for procs in (1, 2)}
     assert_same(runs[1], runs[2], processes=2, learned=60)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_for_joint_and_one(tmp_path):
+    runs = {procs: run(procs, tmp_path / str(procs), "joint,one") for procs in (1, 2)}
+    assert_same(runs[1], runs[2], processes=2)

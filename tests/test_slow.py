@@ -20,6 +20,7 @@ def launch(args, tmp_path, extra_env=None):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.distributed
 def test_accelerate_launch_run_py_split_digits(tmp_path):
     out = launch(["--task", "split_digits", "--backbone", "vit", "--baseline", "replay", "--scenario", "cil",
                   "--run_name", "digits"], tmp_path)
