@@ -97,3 +97,22 @@ def test_the_engine_gives_the_approach_its_options_and_the_run_settings(register
     assert isinstance(approach.opts, AnchorOptions) and approach.opts.anchor_weight == 0.25
     assert approach.cfg.learning_rate == 3e-3 and not hasattr(approach.opts, "lamb")
     assert "lamb" not in engine.cfg.options  # another approach's option is not this run's
+
+
+def test_the_readme_example_approach_runs(tmp_path):
+    """The README's "Adding an approach" code, as printed, registers and trains."""
+    import re
+
+    from conftest import ROOT
+    from mmcl.engine import Engine
+
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(# mmcl/approaches/l2_anchor.py\n.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    try:
+        cfg = tiny_config(tmp_path, baseline="l2_anchor", l2_weight=0.1, num_train_epochs=1)
+        matrix = Engine(cfg, sequence=synthetic_image_sequence()).run()
+        assert matrix.rows_done == 2
+    finally:
+        APPROACHES._items.pop("l2_anchor", None)
