@@ -1,7 +1,7 @@
 """Accuracy / macro-F1 matrices and the continual-learning scalars derived from them.
 
 Convention: ``R[t, u]`` is the test accuracy (percent) on task ``u`` after training task ``t``.
-The scalar definitions follow DESIGN.md ("Metric definitions") to the letter, because ambiguous
+The scalar definitions follow docs/metrics.md to the letter, because ambiguous
 or slightly different definitions are what make published numbers impossible to compare.
 """
 from __future__ import annotations

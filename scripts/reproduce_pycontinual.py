@@ -3,7 +3,7 @@
     python scripts/reproduce_pycontinual.py --data_dir ../shared/data            # full: 19 ASC + 10 DSC tasks
     python scripts/reproduce_pycontinual.py --data_dir ../shared/data --tasks asc --ntasks 5 \
         --train_data_size 200 --num_train_epochs 5 --learning_rate 1e-3 --bert_dropout 0 \
-        --bert_adapter_size 128                                                # the 2-core subset in the README
+        --bert_adapter_size 128                                                # the 2-core subset in docs/results/adapters.md
 
 Every run uses PyContinual's predefined args (--use_predefine_args) with the overrides given here;
 the table states them. Writes bench_results/pycontinual-<task>.{json,md}.

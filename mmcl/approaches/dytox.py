@@ -27,7 +27,7 @@ After each task t > 0, balanced fine-tuning: --dytox_finetune_epochs (20, as the
 memory alone (class-balanced, the new classes included) at --dytox_finetune_lr_scale (the paper's
 0.1) x the learning rate, training the new task's token and head; --dytox_finetune_tab also trains
 the TAB, as the reference code does (it freezes only the self-attention blocks). Earlier tokens and
-heads never change. The README's DyTox section has what each choice measured.
+heads never change. docs/results/dytox.md has what each choice measured.
 
 Scaled for a CPU and 28-32 px images: the encoder is mmcl's `convit` (default width 192, 4
 blocks, 3 heads, patch 4; the paper's CIFAR model is width 384, 5 + 1 blocks, 12 heads).
