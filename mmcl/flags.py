@@ -255,10 +255,12 @@ def effective_option_classes(chosen: dict[str, Any]) -> list[type[Options]]:
     return option_classes(cfg.baseline, cfg.backbone, cfg.options)
 
 
-def parse_run_args(argv: list[str], lenient: bool = False) -> dict[str, Any]:
-    """The flags given on an `mmcl run` command line, by name. An option of a method the run does not use
-    is an error naming its owners (with `lenient`, e.g. one flag list for several approaches, it is
-    dropped and reported on stderr)."""
+def parse_run_args(argv: list[str]) -> dict[str, Any]:
+    """The flags given on an `mmcl run` command line, by name.
+
+    An option of a method the run does not use (`--memory_size` for finetune: one flag list shared by
+    several approaches, as in PyContinual's scripts and `scripts/compare.py`) is dropped with a warning
+    naming who uses it, since it could not change this run; any other unknown flag is an error."""
     import sys
 
     parser = run_parser(argv)
@@ -278,10 +280,7 @@ def parse_run_args(argv: list[str], lenient: bool = False) -> dict[str, Any]:
                 parser.error(f"unrecognized arguments: {' '.join(rest)}")
             foreign[token.split("=", 1)[0]] = owners[name]
             after_foreign = "=" not in token
-        if foreign and not lenient:
-            first, used_by = next(iter(foreign.items()))
-            parser.error(f"{first} is an option of {', '.join(used_by)}, not of this run's approach and backbone "
-                         f"(see `mmcl run --baseline NAME --help`)")
-        if foreign:
-            print(f"mmcl: ignoring {', '.join(foreign)}: options of other approaches or backbones", file=sys.stderr)
+        for flag, used_by in foreign.items():
+            print(f"mmcl: warning: ignoring {flag}: an option of {', '.join(used_by)}, not of this run's approach "
+                  f"and backbone (see `mmcl run --baseline NAME --help`)", file=sys.stderr)
     return vars(args)

@@ -39,7 +39,7 @@ def run_comparison(task: str, backbone: str, scenario: str, baselines: list[str]
     rows = []
     for baseline in baselines:
         # one flag list for every approach: each takes the options it has (the rest are reported, not used)
-        run_flags = parse_run_args(["--task", task, "--backbone", backbone, "--baseline", baseline, *flags], lenient=True)
+        run_flags = parse_run_args(["--task", task, "--backbone", backbone, "--baseline", baseline, *flags])
         values = dict(run_flags, task=task, backbone=backbone, scenario=scenario, baseline=baseline,
                       progress=False, run_name=f"{name}-{baseline}", output_dir=str(out / "runs"), overwrite=True)
         cfg = build_config(values)
