@@ -125,6 +125,63 @@ def test_reservoir_memory_bound_and_uniform():
     assert all(4 <= n <= 22 for n in quarters), quarters
 
 
+def test_successive_draws_on_one_batch_differ_and_are_reproducible():
+    mem = StreamMemory(40, (1, 1, 1), "reservoir", seed=5)
+    ids = torch.arange(40)
+    mem.add(torch.zeros(40, 1, 1, 1), ids)
+    first, second = mem.sample(5)[1], mem.sample(5)[1]
+    assert int(mem.seen) == 40 and int(mem.draws) == 2  # the same stream position, two draws
+    assert first.tolist() != second.tolist()
+    # a memory restored from a state dict (as from a checkpoint) draws what the original draws next
+    twin = StreamMemory(40, (1, 1, 1), "reservoir", seed=5)
+    twin.load_state_dict(mem.state_dict())
+    for _ in range(3):
+        assert mem.sample(5)[1].tolist() == twin.sample(5)[1].tolist()
+    # and the draw counter is what moves it: rewound, it repeats the first draw
+    twin.draws.zero_()
+    assert twin.sample(5)[1].tolist() == first.tolist()
+
+
+def test_online_replay_steps_on_one_batch_replay_different_rows(tmp_path):
+    engine = online_engine(tmp_path, "online_replay", online_iters=4, replay_batch_size=5, memory_size=40)
+    engine.setup()
+    er = engine.approach
+    batches = list(engine.loader(engine.seq[0].train, 10, shuffle=False))
+    for b in batches[:3]:
+        er.memory.add(b["pixel_values"], b["labels"])
+    drawn, sample = [], er.memory.sample
+
+    def recording(n):
+        drawn.append(sample(n))
+        return drawn[-1]
+
+    er.memory.sample = recording
+    er.observe(hide_task(batches[3]))
+    assert len(drawn) == 4  # one draw per step
+    for k in range(3):  # the synthetic images are distinct, so equal tensors mean the same rows
+        assert not torch.equal(drawn[k][0], drawn[k + 1][0]), f"steps {k + 1} and {k + 2} replayed the same rows"
+
+
+def test_online_replay_resume_restores_the_memory_and_its_draws(tmp_path):
+    kw = dict(num_tasks=2, n_train=30, online_iters=3, replay_batch_size=5, memory_size=20, run_name="r")
+    full = online_engine(tmp_path / "a", "online_replay", **kw)
+    full.run()
+    part = online_engine(tmp_path / "b", "online_replay", **kw)
+    part.setup()
+    part.rundir = RunDir.open(part.cfg, part.accelerator)
+    for task in part.seq.tasks[:1]:  # an interrupted run: the first hidden segment, checkpointed
+        part.train_stream(task)
+        part.matrix.set_row(task.id, *part.evaluate_all())
+        part.checkpoint(task.id)
+    resumed = online_engine(tmp_path / "b", "online_replay", resume=str(part.run_dir), **kw)
+    resumed.run()
+    a, b = full.approach.memory, resumed.approach.memory
+    assert int(a.draws) == 3 * 5 and int(b.draws) == int(a.draws)  # 6 batches x 3 steps; the first finds it empty
+    for name in ("x", "y", "arrival", "seen", "count"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.sample(5)[0], b.sample(5)[0])
+
+
 # -- LEViT -----------------------------------------------------------------------------------------------
 def test_levit_frozen_components_do_not_change_after_expansion(tmp_path):
     engine = online_engine(tmp_path, num_tasks=2, n_train=60, levit_gamma=0.0)  # gamma 0: expand at every check
@@ -253,6 +310,7 @@ def test_mir_picks_the_most_interfered_candidates(tmp_path):
     # recompute the interference of every candidate by a real SGD step on a copy
     import copy
 
+    mir.memory.draws -= 1  # the candidates replay drew (each draw advances the generator)
     cx, cy = mir.memory.sample(20)
     twin = copy.deepcopy(mir.model)
     loss = torch.nn.functional.cross_entropy(twin({"pixel_values": batch["pixel_values"]}), batch["labels"])

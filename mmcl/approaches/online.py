@@ -35,8 +35,10 @@ class StreamMemory(nn.Module):
     """A fixed-size store of (image, label) examples: FIFO (a ring) or reservoir.
 
     Buffers: `x` (size, C, H, W), `y`, `arrival` (stream position of each slot's example),
-    `count` (filled slots) and `seen` (examples offered). Random choices come from a generator
-    seeded by (seed, seen), so a resumed stream draws what the uninterrupted one would."""
+    `count` (filled slots), `seen` (examples offered) and `draws` (calls of `sample`). Random choices
+    come from a generator seeded by (seed, seen, draws): `seen` does not change between the
+    --online_iters steps on one batch, so without `draws` every step would replay the same rows; as
+    buffers both are in the checkpoint, so a resumed stream draws what the uninterrupted one would."""
 
     policies = ("fifo", "reservoir")
 
@@ -52,6 +54,7 @@ class StreamMemory(nn.Module):
         self.register_buffer("arrival", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("draws", torch.zeros((), dtype=torch.long))
 
     def __len__(self) -> int:
         return int(self.count)
@@ -61,7 +64,9 @@ class StreamMemory(nn.Module):
         return self.size > 0 and len(self) == self.size
 
     def _generator(self, salt: int = 0) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.seen) * 7 + salt)
+        # one seed per (seed, seen, draws, salt): salt < 8 and draws, seen < 2**20 * 1e6 never collide in practice
+        key = ((self.seed * 1_000_003 + int(self.seen)) * 1_000_033 + int(self.draws)) * 8 + salt
+        return torch.Generator().manual_seed(key % (2 ** 63))
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -97,7 +102,9 @@ class StreamMemory(nn.Module):
     def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if len(self) == 0 or n <= 0:
             return None
-        idx = torch.randperm(len(self), generator=self._generator(2))[:n].to(self.x.device)
+        gen = self._generator(2)
+        self.draws += 1  # the next call, even on the same batch, draws other rows
+        idx = torch.randperm(len(self), generator=gen)[:n].to(self.x.device)
         return self.x[idx], self.y[idx]
 
 
