@@ -27,6 +27,12 @@ class RunConfig:
     backbone: str = run_field("bert_adapter", "backbone name, or a Hugging Face model id / local folder", "what to run")
     baseline: str = run_field("ctr", "the approach (PyContinual's name for it)", "what to run")
     scenario: str = run_field("til", "til | dil | cil | online (PyContinual's *_classification names too)", "what to run")
+    preset: str | None = run_field(
+        None, "a named setting of the approach (configs/presets/NAME.yaml, or a YAML path): our tuning, not the paper's; "
+        "see docs/fidelity.md", "what to run")
+    eval_split: str = run_field(
+        "test", "test | valid: the split the accuracy matrix is measured on; tune presets and settings on valid",
+        "what to run")
     # data
     idrandom: int = run_field(0, "task order: the line of the order file (0-based)", "data")
     ntasks: int | None = run_field(None, "keep the first n tasks of the order", "data")
@@ -74,7 +80,7 @@ class RunConfig:
 
     CHOICES = {
         "optimizer": ("adamw", "sgd"), "lr_scheduler": ("constant", "linear", "cosine"),
-        "mixed_precision": ("no", "bf16", "fp16"),
+        "mixed_precision": ("no", "bf16", "fp16"), "eval_split": ("test", "valid"),
     }
 
     def __getattr__(self, name: str) -> Any:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from accelerate.utils import set_seed
 
 from mmcl.approaches import APPROACHES, Approach
 from mmcl.backbones import build_backbone, check_backbone_name
@@ -58,8 +59,6 @@ class Engine:
         return approach_cls
 
     def setup(self) -> None:
-        from accelerate.utils import set_seed
-
         cfg, acc = self.cfg.validate(), self.accelerator
         set_seed(cfg.seed)
         approach_cls = self.canonical_names()
@@ -92,23 +91,23 @@ class Engine:
 
     def loader(self, dataset, batch_size: int, shuffle: bool, seed: int = 0):
         return make_loader(self.accelerator, self.collate, dataset, batch_size, shuffle, seed)
-
     # -- evaluation ------------------------------------------------------------------------
     def evaluate_task(self, task: Task, split: str = "test") -> tuple[float, float, float | None]:
         """(accuracy %, macro-F1 %, task-aware accuracy % for CIL or None) on one task's split."""
         loader = self.loader(getattr(task, split), self.cfg.eval_batch_size, shuffle=False)
-        score = evaluate(self.approach, loader, task, self.scenario, self.accelerator)
+        seen = [c for t in self.seq.tasks[: self.matrix.rows_done + 1] for c in t.global_classes]  # CIL macro-F1
+        score = evaluate(self.approach, loader, task, self.scenario, self.accelerator, seen)
         self.eval_counts[(task.id, split)] = score.examples
         return score.acc, score.macro_f1, score.til_acc
 
     def evaluate_all(self) -> tuple[list[float], list[float], list[float] | None]:
-        rows = [self.evaluate_task(task) for task in self.seq]
+        rows = [self.evaluate_task(task, self.cfg.eval_split) for task in self.seq]  # valid: for choosing settings
+        self.matrix.examples = np.array([self.eval_counts[(t.id, self.cfg.eval_split)] for t in self.seq], float)
         til = [r[2] for r in rows] if self.scenario.global_labels else None
         return [r[0] for r in rows], [r[1] for r in rows], til
 
     # -- training --------------------------------------------------------------------------
     def train_task(self, task: Task) -> None:
-        from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
         cfg, acc, approach = self.cfg, self.accelerator, self.approach
@@ -158,8 +157,6 @@ class Engine:
     def train_stream(self, task: Task) -> None:
         """One pass over `task`'s training examples, each once, in batches of --online_batch_size; the learner
         sees only `observe(batch)` with the task hidden (`stream.learn_stream`)."""
-        from accelerate.utils import set_seed
-
         set_seed(self.cfg.seed + task.id)
         loader = self.loader(task.train, self.cfg.online_batch_size, shuffle=True, seed=self.cfg.seed + task.id)
         self.log(learn_stream(self.approach, loader, task))

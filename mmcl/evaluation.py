@@ -2,7 +2,7 @@
 counted once whatever the number of processes."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -19,7 +19,11 @@ class TaskScore(NamedTuple):
 
 
 @torch.no_grad()
-def evaluate(approach, loader, task: Task, scenario: Scenario, accelerator) -> TaskScore:
+def evaluate(approach, loader, task: Task, scenario: Scenario, accelerator,
+             seen_classes: Sequence[int] = ()) -> TaskScore:
+    """Score `task`'s split. With global labels (CIL), macro-F1 is over the classes seen so far (`seen_classes`
+    and the task's own) that occur among the labels or the predictions: a prediction of another task's class
+    counts against that class's precision (docs/metrics.md); otherwise over the task's classes, as PyContinual."""
     approach.eval()
     task_id = task.id if scenario.task_id_at_test else None
     hide = (lambda b: b) if scenario.task_boundaries else hide_task  # a task-free learner never sees ids
@@ -35,8 +39,11 @@ def evaluate(approach, loader, task: Task, scenario: Scenario, accelerator) -> T
     approach.train()
     y_true, y_pred = torch.cat(labels).numpy(), torch.cat(preds).numpy()
     own = task.global_classes if scenario.global_labels else range(task.num_classes)
-    acc, f1 = accuracy_and_macro_f1(y_true, y_pred, num_classes=int(max(y_true.max(), y_pred.max(), max(own)) + 1),
-                                    labels=own)
+    num_classes = int(max(y_true.max(), y_pred.max(), max(own)) + 1)
+    if scenario.global_labels:
+        acc, f1 = accuracy_and_macro_f1(y_true, y_pred, num_classes, among=sorted(set(seen_classes) | set(own)))
+    else:
+        acc, f1 = accuracy_and_macro_f1(y_true, y_pred, num_classes, labels=own)
     til = float((torch.cat(til_preds) == torch.cat(local)).float().mean() * 100) if scenario.global_labels else None
     return TaskScore(acc, f1, til, len(y_true))
 

@@ -1,8 +1,9 @@
 """From the command line (or a dict of values) to a RunConfig: the layers, the options of the methods a
 run uses, strict --resume, and the grouped `mmcl run` parser.
 
-Precedence, lowest first: defaults (RunConfig's and each method's Options) < the task sequence's
-`defaults:` < `tasks/predefined/<task>.yaml` (with --use_predefine_args) < flags given on the command line.
+Precedence, lowest first: defaults (RunConfig's and each method's Options: the paper's) < the task
+sequence's `defaults:` < `tasks/predefined/<task>.yaml` (with --use_predefine_args) < the preset
+(`--preset NAME`: configs/presets/NAME.yaml, our tuning) < flags given on the command line.
 A task YAML may set options of any method (`levit_gamma` per sequence); those of methods the run does
 not use are dropped. On the command line only the run's own methods' options exist as flags.
 """
@@ -104,6 +105,48 @@ def predefined_args(task: str, backbone: str, baseline: str, tasks_dir: Path) ->
     return merged
 
 
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs" / "presets"
+# what a preset may not set: it tunes an approach, it does not choose what runs or where it goes
+_NOT_IN_PRESET = ("task", "baseline", "backbone", "scenario", "preset", "eval_split", "resume", "output_dir",
+                  "run_name", "overwrite")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) if PRESETS_DIR.is_dir() else []
+
+
+def load_preset(name: str, baseline: str) -> dict[str, Any]:
+    """The settings of preset `name` (configs/presets/NAME.yaml or a YAML path) for a run of `baseline`.
+
+    A preset is our tuning of one approach, kept apart from its paper defaults: YAML with `approach:`
+    (the approach, or a list, it is for), `settings:` (flag: value) and a comment on what it changes and
+    what it measured on validation data."""
+    from mmcl.approaches import APPROACHES
+
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, preset_names(), n=2)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"--preset {name}: no preset {path}.{hint} Presets: {', '.join(preset_names()) or 'none'}")
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"--preset {name}: {path} is unreadable: {e}") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("settings"), dict) or "approach" not in doc:
+        raise ValueError(f"--preset {name}: {path} must be a mapping with 'approach:' and a 'settings:' mapping")
+    wanted = doc["approach"] if isinstance(doc["approach"], list) else [doc["approach"]]
+    run_approach = APPROACHES.get(baseline).name
+    if run_approach not in {APPROACHES.get(a).name for a in wanted}:
+        raise ValueError(f"--preset {name} is a setting of --baseline {', '.join(map(str, wanted))}, "
+                         f"not of --baseline {baseline} ({path})")
+    settings = check_keys(doc["settings"], f"{path} [settings]")
+    for key in settings:
+        if key in _NOT_IN_PRESET:
+            raise ValueError(f"{path} [settings]: a preset may not set '{key}' (it tunes an approach; the run "
+                             f"chooses {', '.join(_NOT_IN_PRESET)})")
+    return settings
+
+
 def build_config(cli_values: dict[str, Any], resolve: bool = True) -> RunConfig:
     """Merge the layers; `cli_values` holds only the settings given explicitly."""
     from mmcl.data import TASKS_DIR, task_spec
@@ -116,6 +159,9 @@ def build_config(cli_values: dict[str, Any], resolve: bool = True) -> RunConfig:
         backbone = cli_values.get("backbone", values.get("backbone", base.backbone))
         baseline = cli_values.get("baseline", values.get("baseline", base.baseline))
         values.update(predefined_args(spec["name"], backbone, baseline, TASKS_DIR))
+    preset = cli_values.get("preset", values.get("preset"))
+    if preset:
+        values.update(load_preset(preset, cli_values.get("baseline", values.get("baseline", base.baseline))))
     values.update(cli_values)
     cfg = RunConfig.from_dict(values, source="command line")
     if cfg.data_seed is None:

@@ -17,6 +17,8 @@ __all__ = [
     "accuracy_and_macro_f1",
     "average_accuracy",
     "average_incremental_accuracy",
+    "weighted_accuracy",
+    "weighted_incremental_accuracy",
     "backward_transfer",
     "forgetting",
     "forward_transfer",
@@ -87,15 +89,39 @@ def average_incremental_accuracy(R: Any) -> float:
     return float(np.mean([R[t, : t + 1].mean() for t in range(R.shape[0])]))
 
 
+def weighted_accuracy(R: Any, n: Any) -> float:
+    """Accuracy over all test examples of tasks 0..T-1 after the last task: the tasks' accuracies weighted by
+    their test-set sizes `n` (DyTox's and CODA-Prompt's "Last" / final accuracy)."""
+    R, n = _square(R), _counts(n, len(R))
+    return float(np.dot(R[-1], n) / n.sum())
+
+
+def weighted_incremental_accuracy(R: Any, n: Any) -> float:
+    """AIA with each step's accuracy taken over all test examples of the tasks seen so far (DyTox's "Avg")."""
+    R, n = _square(R), _counts(n, len(R))
+    return float(np.mean([np.dot(R[t, : t + 1], n[: t + 1]) / n[: t + 1].sum() for t in range(R.shape[0])]))
+
+
+def _counts(n: Any, T: int) -> np.ndarray:
+    n = np.asarray(n, dtype=float).reshape(-1)
+    if n.shape[0] != T or not np.all(np.isfinite(n)) or np.any(n <= 0):
+        raise ValueError(f"expected {T} positive test-set sizes, got {n.tolist()}")
+    return n
+
+
 def accuracy_and_macro_f1(y_true: Any, y_pred: Any, num_classes: int,
-                          labels: Sequence[int] | None = None) -> tuple[float, float]:
+                          labels: Sequence[int] | None = None,
+                          among: Sequence[int] | None = None) -> tuple[float, float]:
     """(accuracy %, macro-F1 %) from integer labels.
 
-    Macro-F1 averages over `labels` when given (a task's own classes: in CIL a prediction of
-    another task's class then counts as a miss, not as a new class with F1 = 0 that would
-    drag the mean down), else over the classes present in y_true or y_pred, which is what
+    Macro-F1 averages over `labels` when given (TIL: the task's own classes, as PyContinual);
+    over the classes of `among` that occur in y_true or y_pred when that is given (CIL: the classes
+    seen so far, so a prediction of another task's class is a false positive of a class in the mean);
+    else over the classes present in y_true or y_pred, which is what
     ``sklearn.metrics.f1_score(average="macro")`` does without ``labels``.
     """
+    if labels is not None and among is not None:
+        raise ValueError("give labels or among, not both")
     y_true = np.asarray(y_true).reshape(-1)
     y_pred = np.asarray(y_pred).reshape(-1)
     if y_true.shape != y_pred.shape:
@@ -115,6 +141,10 @@ def accuracy_and_macro_f1(y_true: Any, y_pred: Any, num_classes: int,
     n_pred = np.bincount(y_pred, minlength=num_classes)
     if labels is None:
         present = (n_true + n_pred) > 0  # denominator 2tp+fp+fn = n_true+n_pred is then never 0
+        if among is not None:
+            chosen = np.zeros(num_classes, dtype=bool)
+            chosen[[c for c in among if 0 <= c < num_classes]] = True
+            present &= chosen
     else:
         present = np.zeros(num_classes, dtype=bool)
         present[np.asarray(list(labels), dtype=np.int64)] = True
@@ -169,7 +199,8 @@ class AccuracyMatrix:
     """Accuracy and macro-F1 matrices of a run, in percent, NaN until known.
 
     Row t = after training task t, column u = tested task u. ``til_acc`` is the task-aware accuracy
-    of a CIL run (None otherwise); ``baseline[u]`` is the untrained model's accuracy on task u (for FWT).
+    of a CIL run (None otherwise); ``baseline[u]`` is the untrained model's accuracy on task u (for FWT);
+    ``examples[u]`` the size of task u's evaluated split (for the sample-weighted averages).
     """
 
     T: int
@@ -178,6 +209,7 @@ class AccuracyMatrix:
     f1: np.ndarray | None = None
     til_acc: np.ndarray | None = None
     baseline: np.ndarray | None = None
+    examples: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         T = int(self.T)
@@ -192,6 +224,7 @@ class AccuracyMatrix:
         if self.til_acc is not None:
             self.til_acc = self._checked(self.til_acc, (T, T), "til_acc")
         self.baseline = np.full(T, np.nan) if self.baseline is None else self._checked(self.baseline, (T,), "baseline")
+        self.examples = np.full(T, np.nan) if self.examples is None else self._checked(self.examples, (T,), "examples")
 
     @staticmethod
     def _checked(a: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
@@ -226,6 +259,7 @@ class AccuracyMatrix:
             "f1": _to_jsonable(self.f1),
             "til_acc": _to_jsonable(self.til_acc),
             "baseline": _to_jsonable(self.baseline),
+            "examples": _to_jsonable(self.examples),
         }
 
     @classmethod
@@ -234,7 +268,7 @@ class AccuracyMatrix:
             raise ValueError("not an accuracy-matrix dict (no 'T' key)")
         T = int(d["T"])
         til = d.get("til_acc")
-        base = d.get("baseline")
+        base, examples = d.get("baseline"), d.get("examples")
         return cls(
             T=T,
             task_names=list(d.get("task_names") or []),
@@ -242,6 +276,7 @@ class AccuracyMatrix:
             f1=_from_jsonable(d["f1"], (T, T), "f1") if d.get("f1") is not None else None,
             til_acc=_from_jsonable(til, (T, T), "til_acc") if til is not None else None,
             baseline=_from_jsonable(base, (T,), "baseline") if base is not None else None,
+            examples=_from_jsonable(examples, (T,), "examples") if examples is not None else None,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -250,7 +285,7 @@ class AccuracyMatrix:
         out: dict[str, Any] = {
             "tasks_done": k, "num_tasks": self.T,
             "acc_final": None, "macro_f1_final": None, "bwt": None, "fwt": None, "forgetting": None,
-            "aia": None, "acc_per_task_final": [], "macro_f1_per_task_final": [], "til_acc_final": None,
+            "aia": None, "acc_final_weighted": None, "aia_weighted": None, "acc_per_task_final": [], "macro_f1_per_task_final": [], "til_acc_final": None,
         }
         if k == 0:
             return out
@@ -262,6 +297,10 @@ class AccuracyMatrix:
         out["fwt"] = forward_transfer(R, self.baseline[:k])
         out["forgetting"] = forgetting(R)
         out["aia"] = average_incremental_accuracy(R)
+        n = self.examples[:k]
+        if np.all(np.isfinite(n)) and np.all(n > 0):  # unknown in metrics.json written before they were kept
+            out["acc_final_weighted"] = weighted_accuracy(R, n)
+            out["aia_weighted"] = weighted_incremental_accuracy(R, n)
         out["acc_per_task_final"] = [float(v) for v in R[-1]]
         out["macro_f1_per_task_final"] = [_opt_float(float(v)) for v in F[-1]]
         if self.til_acc is not None:

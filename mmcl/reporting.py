@@ -128,6 +128,9 @@ def results_markdown(matrix: AccuracyMatrix, title: str, meta: dict[str, Any],
         lines += [f"> **FAILED — not a result.** {_cell(failure.get('message', 'the run stopped'))}", ">",
                   f"> Tasks finished before the failure: {k} / {matrix.T}. Their rows are shown below for "
                   "diagnosis only; no summary metric is reported.", ""]
+    if meta.get("eval_split") == "valid":
+        lines += ["> Measured on each task's **valid** split (`--eval_split valid`): for choosing settings, "
+                  "not a test result.", ""]
     lines += _meta_lines(meta)
     if meta.get("history"):
         lines += ["", "History:", ""] + [f"- {_history_line(h)}" for h in meta["history"]]
@@ -261,7 +264,7 @@ def run_meta(cfg, seq, spec, approach, num_processes: int, minutes: list[float],
         "task_sequence": seq.name, "tasks": [t.name for t in seq], "modalities": [t.modality for t in seq],
         "classes": [t.classes for t in seq], "image_shape": list(spec.image_shape) if spec.image_shape else None,
         "backbone": cfg.backbone, "approach": cfg.baseline, "scenario": cfg.scenario, "seed": cfg.seed,
-        "idrandom": cfg.idrandom, "num_processes": num_processes, "mixed_precision": cfg.mixed_precision,
+        "idrandom": cfg.idrandom, "eval_split": cfg.eval_split, "preset": cfg.preset, "num_processes": num_processes, "mixed_precision": cfg.mixed_precision,
         "parameters": sum(p.numel() for p in approach.parameters()),
         "trainable_parameters": sum(p.numel() for p in approach.parameters_to_train() if p.requires_grad),
         "minutes_per_task": minutes, "minutes": round(sum(minutes), 3), "mmcl_version": __version__,
