@@ -50,7 +50,7 @@ def run_comparison(task: str, backbone: str, scenario: str, baselines: list[str]
         groups = modality_groups([t.modality for t in engine.seq])
         if groups:  # a mixed run: per-modality ACC / BWT and the BWT split by modality trained
             s["groups"] = matrix.group_summary(groups)
-        s.update(baseline=baseline, minutes=(time.time() - t0) / 60)
+        s.update(baseline=baseline, minutes=(time.time() - t0) / 60, eval_split=cfg.eval_split)
         rows.append(s)
         print(f"{baseline}: ACC {fmt(s['acc_final'])} BWT {fmt(s['bwt'])} forgetting {fmt(s['forgetting'])} "
               f"AIA {fmt(s['aia'])} ({s['minutes']:.1f} min)", flush=True)
@@ -70,7 +70,9 @@ def rows_from_runs(run_dirs: list[str]) -> list[dict]:
         if status != "complete":  # a failed or unfinished run has no result to put in a table
             why = (metrics.get("meta") or {}).get("failure", {}).get("message", "tasks still to train")
             raise ValueError(f"--runs {d}: the run is {status} ({why}); finish it with `mmcl run --resume {d}`")
-        row = dict(metrics["summary"], baseline=metrics["meta"]["approach"], minutes=metrics["meta"]["minutes"])
+        meta = metrics["meta"]
+        row = dict(metrics["summary"], baseline=meta["approach"], minutes=meta["minutes"],
+                   eval_split=meta.get("eval_split", "test"))
         if metrics.get("group_summary"):  # a mixed run, as run_comparison reports it
             row["groups"] = metrics["group_summary"]
         rows.append(row)
@@ -78,13 +80,18 @@ def rows_from_runs(run_dirs: list[str]) -> list[dict]:
 
 
 def markdown_table(name: str, flags: list[str], rows: list[dict], paper: dict[str, str] | None = None) -> str:
+    splits = {r.get("eval_split", "test") for r in rows}
+    if len(splits) > 1:  # a validation figure beside a test figure compares nothing
+        raise ValueError(f"{name}: the runs were measured on different splits ({', '.join(sorted(splits))})")
     til = any(r.get("til_acc_final") is not None for r in rows)
-    header = ("| approach | ACC (Last) | Avg (AIA) | macro-F1 | BWT | forgetting |" + (" task-aware ACC |" if til else "")
-              + " minutes |" + (" paper (Acc / MF1) |" if paper else ""))
-    lines = [f"**{name}** (flags: `{' '.join(flags) or 'defaults'}`)", "", header,
+    header = ("| approach | ACC | AIA | ACC (weighted) | AIA (weighted) | macro-F1 | BWT | forgetting |"
+              + (" task-aware ACC |" if til else "") + " minutes |" + (" paper (Acc / MF1) |" if paper else ""))
+    on = " — measured on the **valid** split" if splits == {"valid"} else ""
+    lines = [f"**{name}** (flags: `{' '.join(flags) or 'defaults'}`){on}", "", header,
              "|---" * (header.count("|") - 1) + "|"]
     for r in rows:
-        cells = [r["baseline"], fmt(r["acc_final"]), fmt(r["aia"]), fmt(r["macro_f1_final"]), fmt(r["bwt"]),
+        cells = [r["baseline"], fmt(r["acc_final"]), fmt(r["aia"]), fmt(r.get("acc_final_weighted")),
+                 fmt(r.get("aia_weighted")), fmt(r["macro_f1_final"]), fmt(r["bwt"]),
                  fmt(r["forgetting"])] + ([fmt(r.get("til_acc_final"))] if til else []) + [f"{r['minutes']:.1f}"]
         if paper:
             cells.append(paper.get(r["baseline"], "—"))

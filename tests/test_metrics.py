@@ -344,6 +344,11 @@ def test_compare_tabulates_finished_run_directories(tmp_path):
     assert rows[1]["acc_final"] == pytest.approx(matrix.summary()["acc_final"])
     table = markdown_table("t", [], rows)
     assert table.count("\n| ") == 3 and "| replay |" in table
+    weighted = f"{rows[1]['acc_final_weighted']:.2f}"  # the two tasks' test sets are equal: it equals ACC
+    assert weighted == f"{rows[1]['acc_final']:.2f}" and f"| {weighted} |" in table.splitlines()[-1]
+    with pytest.raises(ValueError, match="different splits"):
+        markdown_table("t", [], [rows[0], {**rows[1], "eval_split": "valid"}])
+    assert "**valid** split" in markdown_table("t", [], [{**r, "eval_split": "valid"} for r in rows])
     with pytest.raises(FileNotFoundError, match="no metrics.json"):
         rows_from_runs([str(tmp_path / "nowhere")])
     import json
