@@ -14,8 +14,10 @@ from mmcl.stream import StreamBatch, TaskIdLeak, hide_task
 
 
 def online_engine(tmp_path, baseline="levit", num_tasks=2, n_train=40, **kw):
+    # LEViT small, at --learning_rate (levit_lr unset) like the baselines
     values = dict(baseline=baseline, scenario="online", memory_size=20, online_batch_size=10, learning_rate=3e-3,
-                  levit_embed_dim=16, levit_heads=2, levit_mlp_dim=16, levit_latent_dim=4, levit_vae_hidden=16)
+                  levit_embed_dim=16, levit_heads=2, levit_mlp_dim=16, levit_latent_dim=4, levit_vae_hidden=16,
+                  levit_lr=None)
     values.update(kw)
     return Engine(tiny_config(tmp_path, **values), sequence=synthetic_image_sequence(num_tasks, n_train=n_train))
 
@@ -203,10 +205,11 @@ def test_levit_frozen_components_do_not_change_after_expansion(tmp_path):
     assert {id(p) for p in levit.parameters_to_train()} == {id(p) for p in levit.components[1].parameters()}
 
 
-def test_levit_gate_weights_sum_to_one_and_mix_features(tmp_path):
-    engine = online_engine(tmp_path, levit_gamma=0.0)
+def test_levit_output_gate_weights_sum_to_one_and_mix_features(tmp_path):
+    engine = online_engine(tmp_path, levit_gamma=0.0, levit_fusion="output")  # our earlier variant
     engine.setup()
     levit = engine.approach
+    assert levit.model.shared is None  # whole experts, each with its own patch embedding
     for _ in range(2):
         levit.model.add_component()
     comp = levit.components[2]
@@ -216,15 +219,16 @@ def test_levit_gate_weights_sum_to_one_and_mix_features(tmp_path):
     assert w.sum().item() == pytest.approx(1.0, abs=1e-6) and (w > 0).all()
     feats = [torch.randn(4, 16) for _ in range(3)]
     expected = comp.classifier(w[0] * feats[0] + w[1] * feats[1] + w[2] * feats[2])
-    torch.testing.assert_close(comp.logits(feats), expected)
+    torch.testing.assert_close(comp.fuse(feats), expected)
     # the gate is learned: it gets a gradient
-    comp.logits(feats).sum().backward()
+    comp.fuse(feats).sum().backward()
     assert comp.gate.grad is not None and comp.gate.grad.abs().sum() > 0
 
 
-def test_levit_one_distribution_creates_no_new_expert_above_its_vae_loss(tmp_path):
-    # one task = one distribution, 120 examples, memory 20: six memory fills, six checks
-    engine = online_engine(tmp_path, num_tasks=1, n_train=120, levit_gamma=1e9)
+def test_levit_elbo_rule_one_distribution_creates_no_new_expert_above_its_vae_loss(tmp_path):
+    # our earlier rule (--levit_novelty elbo): one task = one distribution, 120 examples, memory 20: six checks
+    elbo = dict(levit_novelty="elbo", levit_fusion="output")
+    engine = online_engine(tmp_path, num_tasks=1, n_train=120, levit_gamma=1e9, **elbo)
     engine.setup()
     levit = engine.approach
     batches = [hide_task(b) for b in engine.loader(engine.seq[0].train, 10, shuffle=True, seed=0)]
@@ -233,18 +237,165 @@ def test_levit_one_distribution_creates_no_new_expert_above_its_vae_loss(tmp_pat
     scores = [c["score"] for c in levit.checks]
     assert len(levit.checks) == 6 and len(levit.components) == 1
     # now a gamma just above the largest VAE loss it measured on this stream: still one expert
-    engine2 = online_engine(tmp_path, num_tasks=1, n_train=120, levit_gamma=max(scores) * 1.01, run_name="g")
+    engine2 = online_engine(tmp_path, num_tasks=1, n_train=120, levit_gamma=max(scores) * 1.01, run_name="g", **elbo)
     engine2.setup()
     for b in [hide_task(b) for b in engine2.loader(engine2.seq[0].train, 10, shuffle=True, seed=0)]:
         engine2.approach.observe(b)
     assert len(engine2.approach.components) == 1
     assert [c["score"] for c in engine2.approach.checks] == pytest.approx(scores)
     # and a gamma below it expands: the test can fail
-    engine3 = online_engine(tmp_path, num_tasks=1, n_train=120, levit_gamma=min(scores) * 0.5, run_name="h")
+    engine3 = online_engine(tmp_path, num_tasks=1, n_train=120, levit_gamma=min(scores) * 0.5, run_name="h", **elbo)
     engine3.setup()
     for b in [hide_task(b) for b in engine3.loader(engine3.seq[0].train, 10, shuffle=True, seed=0)]:
         engine3.approach.observe(b)
     assert len(engine3.approach.components) > 1
+
+
+def pixels(engine, split) -> torch.Tensor:
+    return torch.cat([b["pixel_values"] for b in engine.loader(split, 64, shuffle=False)])
+
+
+def test_levit_latent_distance_is_small_on_its_own_data_and_large_on_shifted_data():
+    from mmcl.approaches.levit import VAE, symmetric_kl
+
+    seq = synthetic_image_sequence(2, n_train=160, n_test=64)
+
+    def images(split) -> torch.Tensor:  # the backbone's scaling: pixels to [-1, 1]
+        return torch.tensor(split["image"], dtype=torch.float32).unsqueeze(1) / 127.5 - 1
+
+    own, fresh, shifted = images(seq[0].train), images(seq[0].test), images(seq[1].test)  # task 1: other blocks lit
+    torch.manual_seed(0)
+    vae = VAE(64, 32, 4, layers=2, beta=0.5)
+    opt = torch.optim.Adam(vae.parameters(), 1e-2)
+    for _ in range(40):
+        loss = vae.loss(own[torch.randint(0, len(own), (32,))]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ref = vae.latent_fit(own)
+    same, shift = symmetric_kl(*vae.latent_fit(fresh), *ref), symmetric_kl(*vae.latent_fit(shifted), *ref)
+    assert shift > 10 * same, (same, shift)
+    assert symmetric_kl(*ref, *ref) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_levit_latent_rule_keeps_training_on_familiar_data_and_expands_after_the_shift(tmp_path):
+    # memory 20: a check every 20 examples; task 0 = examples 0-79, task 1 = 80-159
+    kw = dict(n_train=80, online_iters=2)
+
+    def stream(gamma, name):
+        engine = online_engine(tmp_path, levit_gamma=gamma, run_name=name, **kw)
+        engine.setup()
+        for t in range(2):
+            for b in engine.loader(engine.seq[t].train, 10, shuffle=True, seed=t):
+                engine.approach.observe(hide_task(b))
+        return engine.approach
+
+    levit = stream(1e9, "probe")
+    scores = {c["position"]: c["score"] for c in levit.checks}
+    assert scores[20] == float("inf") and levit.created_at == [0, 20]  # the first check: nothing learned yet
+    assert levit.current and not bool(levit.components[1].has_ref)  # the current one kept training
+    familiar = [scores[p] for p in (40, 60, 80)]
+    novel = [scores[p] for p in (100, 120, 140, 160)]  # memories of task 1 only
+    assert min(novel) > 3 * max(familiar), scores
+    # a gamma between the two: exactly one more component, created at the first check after the shift
+    assert stream((max(familiar) * min(novel)) ** 0.5, "g").created_at == [0, 20, 100]
+
+
+def levit_with(tmp_path, fusion: str, components: int = 3):
+    """A LEViT of `components` components, all but the last frozen as after expansions."""
+    engine = online_engine(tmp_path, levit_fusion=fusion, run_name=fusion)
+    engine.setup()
+    levit = engine.approach
+    for _ in range(components - 1):
+        levit.freeze_current()
+        levit.model.add_component()
+        levit.current = True
+    return engine, levit
+
+
+def test_levit_dkf_attention_reuses_the_frozen_modules_and_tokens(tmp_path):
+    engine, levit = levit_with(tmp_path, "dkf")
+    x = pixels(engine, engine.seq[0].test)[:8]
+    first, new = levit.components[0], levit.components[2]
+    base = levit.model.component_logits(x, 2)
+    with torch.no_grad():
+        first.attn.out_proj.weight.mul_(3.0)  # an earlier component's attention module
+    assert not torch.allclose(levit.model.component_logits(x, 2), base)
+    shift = torch.randn_like(first.token)  # not a constant: LayerNorm would remove it
+    with torch.no_grad():
+        first.attn.out_proj.weight.div_(3.0)
+        first.token.add_(shift)  # an earlier component's token
+    assert not torch.allclose(levit.model.component_logits(x, 2), base)
+    with torch.no_grad():
+        first.token.sub_(shift)
+    torch.testing.assert_close(levit.model.component_logits(x, 2), base)
+    # the gate is learned and part of what trains; the earlier components and the shared backbone are not
+    trained = {id(p) for p in levit.parameters_to_train()}
+    assert id(new.gate) in trained and trained == {id(p) for p in new.parameters()}
+    assert not any(p.requires_grad for c in levit.components[:2] for p in c.parameters())
+    assert not any(p.requires_grad for p in levit.model.shared.parameters())
+    # a training step moves the new component (gate included) and nothing frozen
+    before = {n: p.clone() for n, p in levit.model.state_dict().items()}
+    batch = next(iter(engine.loader(engine.seq[1].train, 10, shuffle=True, seed=1)))
+    levit.observe(hide_task(batch))
+    after = levit.model.state_dict()
+    moved = {n for n in before if not torch.equal(before[n], after[n])}
+    assert "components.2.gate" in moved and "components.2.attn.in_proj_weight" in moved
+    assert not [n for n in moved if n.startswith(("components.0.", "components.1.", "shared."))], moved
+
+
+def test_levit_shared_backbone_trains_until_the_first_expansion_only(tmp_path):
+    engine = online_engine(tmp_path, levit_gamma=0.0)  # memory 20: the first check after 2 batches expands
+    engine.setup()
+    levit = engine.approach
+    batches = [hide_task(b) for b in engine.loader(engine.seq[0].train, 10, shuffle=True, seed=0)]
+    start = {n: p.clone() for n, p in levit.model.shared.state_dict().items()}
+    levit.observe(batches[0])
+    assert all(p.requires_grad for p in levit.model.shared.parameters())
+    assert any(not torch.equal(p, start[n]) for n, p in levit.model.shared.state_dict().items())
+    levit.observe(batches[1])
+    assert len(levit.components) == 2
+    assert not any(p.requires_grad for p in levit.model.shared.parameters())
+    frozen = {n: p.clone() for n, p in levit.model.shared.state_dict().items()}
+    levit.observe(batches[2])
+    assert all(torch.equal(p, frozen[n]) for n, p in levit.model.shared.state_dict().items())
+
+
+def test_levit_ablations_fixed_and_none(tmp_path):
+    engine, fixed = levit_with(tmp_path, "fixed")
+    x = pixels(engine, engine.seq[0].test)[:8]
+    new = fixed.components[2]
+    torch.testing.assert_close(new.gate_weights(), torch.full((3,), 1 / 3))
+    with torch.no_grad():
+        new.gate.copy_(torch.tensor([5.0, -5.0, 0.0]))  # the gate parameter is ignored: the weights stay even
+    torch.testing.assert_close(new.gate_weights(), torch.full((3,), 1 / 3))
+    assert id(new.gate) not in {id(p) for p in fixed.parameters_to_train()}
+    # fixed still reuses the earlier modules
+    base = fixed.model.component_logits(x, 2)
+    with torch.no_grad():
+        fixed.components[0].attn.out_proj.weight.mul_(3.0)
+    assert not torch.allclose(fixed.model.component_logits(x, 2), base)
+    # none (LEViT-No-DKF): the earlier components do not enter the new one's output
+    engine, none = levit_with(tmp_path, "none")
+    base = none.model.component_logits(x, 2)
+    with torch.no_grad():
+        none.components[0].attn.out_proj.weight.mul_(3.0)
+        none.components[1].token.add_(torch.randn_like(none.components[1].token))
+    torch.testing.assert_close(none.model.component_logits(x, 2), base)
+    assert id(none.components[2].gate) not in {id(p) for p in none.parameters_to_train()}
+
+
+def test_levit_learning_rate_is_its_own_by_default(tmp_path):
+    engine = online_engine(tmp_path, levit_lr=1e-4)
+    engine.setup()
+    assert [g["lr"] for g in engine.approach.parameter_groups()] == [1e-4]
+    assert engine.approach.stepper().optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    from mmcl.approaches.levit import LEViTOptions
+
+    defaults = LEViTOptions()
+    assert (defaults.levit_lr, defaults.levit_beta, defaults.levit_mlp_dim, defaults.levit_vae_hidden,
+            defaults.levit_vae_layers, defaults.levit_novelty, defaults.levit_fusion) == \
+        (1e-4, 0.5, 100, 200, 2, "latent", "dkf")  # the paper's
 
 
 def test_levit_routes_each_input_to_the_component_with_the_lowest_vae_loss(tmp_path):
@@ -257,8 +408,7 @@ def test_levit_routes_each_input_to_the_component_with_the_lowest_vae_loss(tmp_p
     batch = next(iter(engine.loader(engine.seq[0].test, 8, shuffle=False)))
     x = batch["pixel_values"]
     scores = levit.model.vae_scores(x)
-    feats = levit.model.expert_features(x)
-    per_comp = [c.logits(feats[: j + 1]) for j, c in enumerate(levit.components)]
+    per_comp = [levit.model.component_logits(x, j) for j in range(len(levit.components))]
     out = levit.predict(hide_task(batch), None)
     assert set(scores.argmin(1).tolist()) == {0, 1}  # both components take some inputs here
     for i, j in enumerate(scores.argmin(1).tolist()):
@@ -333,6 +483,10 @@ def test_online_flags_are_validated(tmp_path):
         online_engine(tmp_path, levit_gamma=-1.0).setup()
     with pytest.raises(ValueError, match="--baseline levit needs --memory_size > 0"):
         online_engine(tmp_path, memory_size=0).setup()
+    with pytest.raises(ValueError, match="--levit_fusion must be one of dkf, fixed, none, output"):
+        online_engine(tmp_path, levit_fusion="gated").setup()
+    with pytest.raises(ValueError, match="--levit_novelty must be one of latent, elbo"):
+        online_engine(tmp_path, levit_novelty="kl").setup()
 
 
 def test_levit_export_and_from_pretrained_give_the_same_predictions(tmp_path):

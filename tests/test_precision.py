@@ -17,7 +17,7 @@ SETTINGS = {
     "l2p": {"learning_rate": 3e-3},
     "dualprompt": {"dualprompt_g_layers": "0", "dualprompt_e_layers": "1"},
     "levit": dict(memory_size=60, levit_gamma=0.0, online_iters=8, learning_rate=1e-2, levit_embed_dim=16,
-                  levit_heads=2, levit_mlp_dim=16, levit_latent_dim=4, levit_vae_hidden=16),
+                  levit_heads=2, levit_mlp_dim=16, levit_latent_dim=4, levit_vae_hidden=16, levit_lr=None),
 }
 
 

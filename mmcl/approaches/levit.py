@@ -1,35 +1,40 @@
 """LEViT, a lifelong expansible vision transformer for task-free online learning (Ye & Bors): a
-mixture of small ViT experts that grows by itself, with VAE novelty scores and dynamic knowledge
-fusion. Runs in `--scenario online` only (no task ids, no boundaries).
+mixture of small ViT components that grows by itself when the stream brings data unlike what the
+learned components model, with Dynamic Knowledge Fusion (DKF) inside attention. Runs in
+`--scenario online` only (no task ids, no boundaries). Our copy of the paper lacks its equations;
+the reading below is documented in docs/online.md (section "LEViT: the reading we implement").
 
-A component = a ViT expert (patch embedding of --levit_embed_dim, default 100, patch
---levit_patch_size, default a quarter of the side: 7 on 28 px as in the paper, 2 on 8 px; one
-pre-norm multi-head attention block with an MLP of --levit_mlp_dim, default 200; a class token)
-+ a classifier over all classes of the sequence + a VAE (MLP, --levit_vae_hidden units, latent
---levit_latent_dim, default 50 as in the paper for MNIST) whose loss scores how familiar an input is.
-VAE loss = negative ELBO per input dimension: Bernoulli reconstruction of the pixels rescaled to
-[0, 1] plus the KL term, divided by the number of pixels (so gamma does not scale with image size);
-training samples z, scoring uses the posterior mean (deterministic scores).
+Default (the paper's statements):
+- a shared backbone (patch embedding of --levit_patch_size, 7 on 28 px, width --levit_embed_dim 100,
+  and positions) turns an image into patch tokens; it trains with the first component only, until
+  the first expansion, and is frozen from then on;
+- a component = a learned token + one multi-head attention module + an MLP of --levit_mlp_dim (100)
+  + a classifier over all classes of the sequence, and a VAE on the pixels (encoder and decoder of
+  --levit_vae_layers 2 FC layers of --levit_vae_hidden 200 units, latent --levit_latent_dim 50,
+  KL weight --levit_beta 0.5);
+- DKF (--levit_fusion dkf): component j's sequence is [its token, the tokens of components 0..j-1,
+  the patch tokens]; its attention output is a learned softmax-gated sum of its own attention module
+  and every earlier component's (frozen) module, all applied to that sequence: capacity grows with
+  every component and the gate chooses what to transfer. `fixed` keeps the reuse with even,
+  unlearned weights (LEViT-DKF-Fixed); `none` uses the component's own token and module alone
+  (LEViT-No-DKF); `output` is our earlier variant: each component a whole ViT expert (its own patch
+  embedding, no shared backbone) and the gate mixes the experts' features before the classifier;
+- novelty (--levit_novelty latent): each time the FIFO memory of --memory_size examples is full of
+  examples that arrived since the last check, the memory is encoded by every frozen component's VAE
+  encoder; the aggregate posterior is fitted with a diagonal Gaussian and compared, by the symmetric
+  KL divergence (summed over latent dimensions), with the Gaussian fit of the data that component
+  was frozen on (its reference, kept as buffers). The smallest distance over the frozen components
+  is the novelty; above --levit_gamma the current component has learned novel information: it is
+  frozen (its reference taken on the memory it has just learned) and a new component is created.
+  Otherwise the current component keeps training. The first check always expands (no learned
+  component to compare with). `elbo` is our earlier rule: at every check the current component is
+  frozen; a new one is created if the smallest per-pixel VAE loss of all components on the memory
+  exceeds gamma, otherwise nothing trains until a later memory is novel.
 
-The stream, per incoming batch of --online_batch_size:
-  1. the current (last, unfrozen) component takes --online_iters Adam steps on the incoming batch
-     plus --replay_batch_size examples from the short-term memory (cross-entropy + its VAE loss);
-  2. the batch enters the FIFO short-term memory of --memory_size examples (paper: 2000 for MNIST);
-  3. each time the memory holds --memory_size examples that arrived since the last check (it is full
-     of fresh data): the current component is frozen; the novelty score s = the smallest VAE loss,
-     over all frozen components, averaged over the memory; if s > gamma (--levit_gamma, defaults
-     per task sequence in tasks/*.yaml) a new component is created and becomes the current one.
-     Otherwise no component trains until a later memory is novel: a frozen expert already knows it.
-The memory is not emptied at a check: FIFO replaces all of it before the next check (the paper's
-clear-and-refill schedule), while a new component can train on the examples that triggered it.
-Growth stops at --levit_max_experts.
-
-Dynamic knowledge fusion: component j's classifier reads sum_k w_k f_k over the features f_k of the
-frozen experts k < j and its own f_j, w = softmax of j's learned gate logits (j + 1 of them, zero at
-creation: an even mix); the frozen experts' features get no gradient.
-Inference: each input goes to the component whose VAE loss on it is smallest (the paper's
-selection) among those that have trained (one created at the stream's last check has a random VAE);
-that component's (fused) logits are the prediction.
+Training: per incoming batch of --online_batch_size, --online_iters Adam steps (lr --levit_lr, paper
+1e-4) of the current component on the batch plus --replay_batch_size memory examples
+(cross-entropy + its VAE loss); the batch then enters the memory. Growth stops at --levit_max_experts.
+Inference: each input goes to the trained component whose VAE loss on it is smallest.
 """
 from __future__ import annotations
 
@@ -44,96 +49,220 @@ from mmcl.approaches import APPROACHES
 from mmcl.approaches.online import OnlineApproach, OnlineReplayOptions, StreamMemory, image_shape
 from mmcl.options import option, positive
 
+FUSIONS = ("dkf", "fixed", "none", "output")
+NOVELTIES = ("latent", "elbo")
+
+
+def patch_of(opts, shape: tuple[int, int, int]) -> int:
+    patch = opts.levit_patch_size or max(1, shape[1] // 4)
+    if shape[1] % patch or shape[2] % patch:
+        raise ValueError(f"--levit_patch_size {patch} does not divide the image size {shape[1]}x{shape[2]}")
+    return patch
+
+
+def mlp(dim: int, hidden: int) -> nn.Sequential:
+    """The component's MLP: one hidden FC layer (paper: 100 units on MNIST)."""
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class PatchEmbedding(nn.Module):
+    """Image -> patch tokens with positions: LEViT's shared backbone (or an `output` expert's own)."""
+
+    def __init__(self, shape: tuple[int, int, int], patch: int, dim: int) -> None:
+        super().__init__()
+        c, h, w = shape
+        self.proj = nn.Conv2d(c, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.randn(1, (h // patch) * (w // patch), dim) * 0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2) + self.pos
+
+
+class VAE(nn.Module):
+    """MLP VAE on the pixels: `layers` FC layers of `hidden` units in the encoder and in the decoder."""
+
+    def __init__(self, dim_in: int, hidden: int, latent: int, layers: int = 2, beta: float = 1.0) -> None:
+        super().__init__()
+        self.beta = beta
+
+        def stack(first: int) -> list[nn.Module]:
+            out: list[nn.Module] = [nn.Linear(first, hidden), nn.ReLU()]
+            for _ in range(layers - 1):
+                out += [nn.Linear(hidden, hidden), nn.ReLU()]
+            return out
+
+        self.enc = nn.Sequential(*stack(dim_in))
+        self.mu = nn.Linear(hidden, latent)
+        self.logvar = nn.Linear(hidden, latent)
+        self.dec = nn.Sequential(*stack(latent), nn.Linear(hidden, dim_in))
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.enc(x.flatten(1).float())
+        return self.mu(h), self.logvar(h).clamp(-10, 10)
+
+    def loss(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """(Reconstruction + beta x KL) per input dimension, one value per example; x in [-1, 1]
+        (Bernoulli on the pixels rescaled to [0, 1]; divided by the pixels so gamma of the `elbo` rule
+        does not scale with the image size). Scoring (`sample=False`) decodes the posterior mean."""
+        flat = x.flatten(1).float()
+        target = ((flat + 1) / 2).clamp(0, 1)
+        mu, logvar = self.posterior(flat)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
+        rec = F.binary_cross_entropy_with_logits(self.dec(z), target, reduction="none").sum(1)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
+        return (rec + self.beta * kl) / flat.shape[1]
+
+    @torch.no_grad()
+    def latent_fit(self, x: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance per latent dimension of the aggregate posterior of `x` (the mixture of the
+        examples' Gaussian posteriors, moment-matched by one diagonal Gaussian)."""
+        mus, vars_ = zip(*[(m, lv.exp()) for m, lv in (self.posterior(x[i:i + chunk]) for i in range(0, len(x), chunk))])
+        mu, var = torch.cat(mus).float(), torch.cat(vars_).float()
+        return mu.mean(0), var.mean(0) + mu.var(0, unbiased=False)
+
+
+def symmetric_kl(m1: torch.Tensor, v1: torch.Tensor, m2: torch.Tensor, v2: torch.Tensor) -> float:
+    """(KL(N1 || N2) + KL(N2 || N1)) / 2 between diagonal Gaussians, summed over dimensions."""
+    v1, v2 = v1.clamp_min(1e-6), v2.clamp_min(1e-6)
+    d2 = (m1 - m2).pow(2)
+    return float(0.25 * ((v1 + d2) / v2 + (v2 + d2) / v1 - 2).sum())
+
+
+class Component(nn.Module):
+    """What every component has: a classifier, a VAE, its latent reference, its step count, a gate."""
+
+    def __init__(self, opts, shape: tuple[int, int, int], num_classes: int, num_prior: int) -> None:
+        super().__init__()
+        self.fusion = opts.levit_fusion
+        self.num_prior = num_prior
+        self.vae = VAE(shape[0] * shape[1] * shape[2], opts.levit_vae_hidden, opts.levit_latent_dim,
+                       opts.levit_vae_layers, opts.levit_beta)
+        self.classifier = nn.Linear(opts.levit_embed_dim, num_classes)
+        # DKF's gate over the earlier components' modules and its own (own last); zero logits: an even mix
+        self.gate = nn.Parameter(torch.zeros(num_prior + 1), requires_grad=self.fusion in ("dkf", "output"))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # optimiser steps taken (saved)
+        # the Gaussian fit of the latent codes of the data this component was frozen on (novelty `latent`)
+        self.register_buffer("ref_mean", torch.zeros(opts.levit_latent_dim))
+        self.register_buffer("ref_var", torch.ones(opts.levit_latent_dim))
+        self.register_buffer("has_ref", torch.zeros((), dtype=torch.bool))
+
+    def gate_weights(self) -> torch.Tensor:
+        if self.fusion == "fixed":  # LEViT-DKF-Fixed: the same even weights, never learned
+            return torch.full_like(self.gate, 1.0 / len(self.gate))
+        return self.gate.softmax(0)
+
+    def set_trainable(self, on: bool) -> None:
+        self.requires_grad_(on)
+        if self.fusion in ("fixed", "none"):  # their gate is never used or never learned
+            self.gate.requires_grad_(False)
+
+
+class FusedComponent(Component):
+    """A token, an attention block and an MLP over the shared backbone's patch tokens (fusion dkf, fixed, none)."""
+
+    def __init__(self, opts, shape: tuple[int, int, int], num_classes: int, num_prior: int) -> None:
+        super().__init__(opts, shape, num_classes, num_prior)
+        dim = opts.levit_embed_dim
+        self.token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, opts.levit_heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = mlp(dim, opts.levit_mlp_dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def logits(self, patches: torch.Tensor, prior: list["FusedComponent"]) -> torch.Tensor:
+        """`patches`: the shared backbone's tokens; `prior`: components 0..j-1 (frozen)."""
+        reuse = prior if self.fusion in ("dkf", "fixed") else []
+        b = len(patches)
+        tokens = [c.token.expand(b, -1, -1) for c in [self] + reuse]  # own token first: it is read out
+        seq = torch.cat(tokens + [patches], dim=1)
+        h = self.norm1(seq)
+        # the earlier modules are applied to this component's sequence: their weights take no gradient,
+        # this component's token, norm and gate do through them
+        outs = [c.attn(h, h, h, need_weights=False)[0] for c in reuse] + [self.attn(h, h, h, need_weights=False)[0]]
+        if reuse:
+            w = self.gate_weights()
+            fused = sum(w[k] * o for k, o in enumerate(outs))
+        else:
+            fused = outs[-1]
+        seq = seq + fused
+        seq = seq + self.mlp(self.norm2(seq))
+        return self.classifier(self.norm(seq[:, 0]))
+
 
 class ViTExpert(nn.Module):
-    """Patch embedding, class token and positions, one pre-norm attention block with an MLP."""
+    """`output` fusion: a whole ViT of its own (patch embedding, class token, one pre-norm block)."""
 
     def __init__(self, shape: tuple[int, int, int], patch: int, dim: int, heads: int, mlp_dim: int) -> None:
         super().__init__()
-        c, h, w = shape
-        if h % patch or w % patch:
-            raise ValueError(f"--levit_patch_size {patch} does not divide the image size {h}x{w}")
-        self.embed = nn.Conv2d(c, dim, patch, stride=patch)
+        self.embed = PatchEmbedding(shape, patch, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, (h // patch) * (w // patch) + 1, dim) * 0.02)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+        self.mlp = mlp(dim, mlp_dim)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.embed(x).flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), self.embed(x)], dim=1)
         h = self.norm1(tokens)
         tokens = tokens + self.attn(h, h, h, need_weights=False)[0]
         tokens = tokens + self.mlp(self.norm2(tokens))
         return self.norm(tokens[:, 0])
 
 
-class VAE(nn.Module):
-    def __init__(self, dim_in: int, hidden: int, latent: int) -> None:
-        super().__init__()
-        self.enc = nn.Sequential(nn.Linear(dim_in, hidden), nn.ReLU())
-        self.mu = nn.Linear(hidden, latent)
-        self.logvar = nn.Linear(hidden, latent)
-        self.dec = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, dim_in))
-
-    def loss(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
-        """Negative ELBO per input dimension, one value per example; x in [-1, 1]."""
-        flat = x.flatten(1).float()
-        target = ((flat + 1) / 2).clamp(0, 1)
-        h = self.enc(flat)
-        mu, logvar = self.mu(h), self.logvar(h).clamp(-10, 10)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample else mu
-        rec = F.binary_cross_entropy_with_logits(self.dec(z), target, reduction="none").sum(1)
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
-        return (rec + kl) / flat.shape[1]
-
-
-class Component(nn.Module):
-    """Expert + classifier + VAE + the gate over the features of the `num_prior` earlier experts and its own."""
+class OutputComponent(Component):
+    """`output` fusion: its classifier reads a gated sum of the experts' features (earlier ones frozen)."""
 
     def __init__(self, opts, shape: tuple[int, int, int], num_classes: int, num_prior: int) -> None:
-        super().__init__()
-        patch = opts.levit_patch_size or max(1, shape[1] // 4)
-        self.expert = ViTExpert(shape, patch, opts.levit_embed_dim, opts.levit_heads, opts.levit_mlp_dim)
-        self.vae = VAE(shape[0] * shape[1] * shape[2], opts.levit_vae_hidden, opts.levit_latent_dim)
-        self.gate = nn.Parameter(torch.zeros(num_prior + 1))
-        self.classifier = nn.Linear(opts.levit_embed_dim, num_classes)
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # optimiser steps taken (saved)
+        super().__init__(opts, shape, num_classes, num_prior)
+        self.expert = ViTExpert(shape, patch_of(opts, shape), opts.levit_embed_dim, opts.levit_heads,
+                                opts.levit_mlp_dim)
 
-    def gate_weights(self) -> torch.Tensor:
-        return self.gate.softmax(0)
-
-    def logits(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """`features`: the raw features of experts 0..j (this one last)."""
+    def fuse(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """`features`: the features of experts 0..j (this one last)."""
         w = self.gate_weights()
-        fused = sum(w[k] * f for k, f in enumerate(features))
-        return self.classifier(fused)
+        return self.classifier(sum(w[k] * f for k, f in enumerate(features)))
 
 
 class LEViTModel(nn.Module):
+    """The components, and the shared backbone they read (fusion dkf, fixed, none; `output` has none)."""
+
     def __init__(self, opts, shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__()
         self.opts, self.shape, self.num_classes = opts, shape, num_classes
+        self.fused = opts.levit_fusion != "output"
+        self.shared = PatchEmbedding(shape, patch_of(opts, shape), opts.levit_embed_dim) if self.fused else None
         self.components = nn.ModuleList()
 
     def add_component(self, device: torch.device | None = None) -> Component:
-        comp = Component(self.opts, self.shape, self.num_classes, num_prior=len(self.components))
+        cls = FusedComponent if self.fused else OutputComponent
+        comp = cls(self.opts, self.shape, self.num_classes, num_prior=len(self.components))
         self.components.append(comp.to(device) if device is not None else comp)
         return comp
 
-    def expert_features(self, x: torch.Tensor, trainable: int | None = None) -> list[torch.Tensor]:
-        """Every expert's features; only component `trainable`'s carry gradients."""
+    def component_logits(self, x: torch.Tensor, j: int) -> torch.Tensor:
+        """Component j's logits; gradients reach only what requires them (the trainable parts)."""
+        comps = list(self.components)
+        if self.fused:
+            return comps[j].logits(self.shared(x), comps[:j])
         feats = []
-        for j, comp in enumerate(self.components):
-            if j == trainable:
+        for k, comp in enumerate(comps[: j + 1]):
+            if k == j:
                 feats.append(comp.expert(x))
             else:
-                with torch.no_grad():
+                with torch.no_grad():  # a frozen expert's features are constants to the gate and classifier
                     feats.append(comp.expert(x))
-        return feats
+        return comps[j].fuse(feats)
+
+    def all_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, K, classes): every component's logits."""
+        if self.fused:
+            patches = self.shared(x)
+            comps = list(self.components)
+            return torch.stack([c.logits(patches, comps[:j]) for j, c in enumerate(comps)], dim=1)
+        feats = [c.expert(x) for c in self.components]
+        return torch.stack([c.fuse(feats[: j + 1]) for j, c in enumerate(self.components)], dim=1)
 
     @torch.no_grad()
     def vae_scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,8 +272,7 @@ class LEViTModel(nn.Module):
     @torch.no_grad()
     def forward(self, batch: dict) -> torch.Tensor:
         x = batch["pixel_values"]
-        feats = self.expert_features(x)
-        logits = torch.stack([comp.logits(feats[: j + 1]) for j, comp in enumerate(self.components)], dim=1)
+        logits = self.all_logits(x)
         scores = self.vae_scores(x)
         # a component created at the last check and not trained yet has a random VAE: it must not take inputs
         untrained = torch.tensor([int(c.steps) == 0 for c in self.components], device=x.device)
@@ -157,22 +285,41 @@ class LEViTModel(nn.Module):
 @dataclass
 class LEViTOptions(OnlineReplayOptions):
     title = "LEViT options"
-    levit_gamma: float = option(0.6, "expansion threshold on the VAE loss (per task sequence in tasks/*.yaml)")
-    levit_embed_dim: int = option(100, "expert width (paper: 100)")
-    levit_patch_size: int | None = option(None, "expert patch side (default: a quarter of the image side; paper: "
-                                                "7 on 28 px)")
-    levit_heads: int = option(4, "expert attention heads")
-    levit_mlp_dim: int = option(200, "the expert's FC layer (paper: 200)")
+    levit_novelty: str = option("latent", "expansion rule: latent (the paper's: a distance in each frozen VAE's "
+                                          "latent space between the memory and what that component learned) | elbo "
+                                          "(our earlier rule: the smallest per-pixel VAE loss on the memory)")
+    levit_fusion: str = option("dkf", "dkf (the paper's: earlier tokens and attention modules reused inside "
+                                      "attention, learned gate) | fixed (LEViT-DKF-Fixed: even, unlearned weights) | "
+                                      "none (LEViT-No-DKF) | output (our earlier variant: whole experts, gate on "
+                                      "their features at the classifier)")
+    levit_gamma: float = option(0.6, "expansion threshold on the novelty (per task sequence in tasks/*.yaml; its "
+                                     "scale depends on --levit_novelty)")
+    levit_lr: float | None = option(1e-4, "Adam learning rate of the components (paper: 1e-4); unset: "
+                                          "--learning_rate")
+    levit_embed_dim: int = option(100, "token width (paper: 100)")
+    levit_patch_size: int | None = option(None, "patch side (default: a quarter of the image side; paper: 7 on 28 px)")
+    levit_heads: int = option(4, "attention heads")
+    levit_mlp_dim: int = option(100, "the component's FC layer (paper: 100 units on MNIST)")
     levit_latent_dim: int = option(50, "VAE latent size (paper: 50 for MNIST)")
-    levit_vae_hidden: int = option(400, "VAE hidden width")
+    levit_vae_hidden: int = option(200, "VAE hidden width (paper: 200 on MNIST)")
+    levit_vae_layers: int = option(2, "FC layers in the VAE's encoder and in its decoder (paper: 2 on MNIST)")
+    levit_beta: float = option(0.5, "weight of the VAE's KL term (paper: beta 0.5)")
     levit_max_experts: int = option(20, "growth stops here (a low gamma would otherwise add one per memory fill)")
 
     def validate(self) -> None:
         super().validate()
         positive(self, "levit_embed_dim", "levit_heads", "levit_mlp_dim", "levit_latent_dim", "levit_vae_hidden",
-                 "levit_max_experts")
+                 "levit_vae_layers", "levit_max_experts")
+        if self.levit_novelty not in NOVELTIES:
+            raise ValueError(f"--levit_novelty must be one of {', '.join(NOVELTIES)}, got '{self.levit_novelty}'")
+        if self.levit_fusion not in FUSIONS:
+            raise ValueError(f"--levit_fusion must be one of {', '.join(FUSIONS)}, got '{self.levit_fusion}'")
         if self.levit_gamma < 0:
             raise ValueError(f"--levit_gamma must be >= 0, got {self.levit_gamma}")
+        if self.levit_beta < 0:
+            raise ValueError(f"--levit_beta must be >= 0, got {self.levit_beta}")
+        if self.levit_lr is not None and not self.levit_lr > 0:
+            raise ValueError(f"--levit_lr must be > 0, got {self.levit_lr}")
         if self.levit_embed_dim % self.levit_heads:
             raise ValueError(f"--levit_embed_dim {self.levit_embed_dim} must be divisible by --levit_heads "
                              f"{self.levit_heads}")
@@ -203,14 +350,27 @@ class LEViT(OnlineApproach):
     def components(self) -> nn.ModuleList:
         return self.model.components
 
+    @property
+    def shared_trains(self) -> bool:
+        """The shared backbone learns with the first component only, until it is frozen (the first expansion)."""
+        return self.model.shared is not None and self.current and len(self.components) == 1
+
     def parameters_to_train(self):
-        return list(self.components[-1].parameters()) if self.current else []
+        if not self.current:
+            return []
+        params = [p for p in self.components[-1].parameters() if p.requires_grad]
+        return params + (list(self.model.shared.parameters()) if self.shared_trains else [])
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        group = {"params": self.parameters_to_train()}
+        if self.opts.levit_lr is not None:
+            group["lr"] = self.opts.levit_lr
+        return [group]
 
     def component_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        j = len(self.components) - 1
-        comp = self.components[j]
-        feats = self.model.expert_features(x, trainable=j)
-        return F.cross_entropy(comp.logits(feats).float(), y) + comp.vae.loss(x).mean()
+        comp = self.components[-1]
+        logits = self.model.component_logits(x, len(self.components) - 1)
+        return F.cross_entropy(logits.float(), y) + comp.vae.loss(x).mean()
 
     def observe(self, batch: dict) -> float | None:
         x, y = batch["pixel_values"], batch["labels"]
@@ -231,27 +391,50 @@ class LEViT(OnlineApproach):
         return None if loss is None else float(loss.detach())
 
     def freeze_current(self) -> None:
-        if self.current:
-            self.components[-1].requires_grad_(False)
-            self.current = False
-            self.reset_optimizer()
+        if not self.current:
+            return
+        comp = self.components[-1]
+        if self.opts.levit_novelty == "latent" and len(self.memory):  # what it learned last, in its own latent space
+            mean, var = comp.vae.latent_fit(self.memory.contents()[0])
+            comp.ref_mean.copy_(mean)
+            comp.ref_var.copy_(var)
+            comp.has_ref.fill_(True)
+        comp.set_trainable(False)
+        if self.model.shared is not None:
+            self.model.shared.requires_grad_(False)  # trained until the first expansion only
+        self.current = False
+        self.reset_optimizer()
+
+    @torch.no_grad()
+    def latent_distances(self, x: torch.Tensor) -> list[float]:
+        """Each frozen component's symmetric KL between the latent fit of `x` and its reference."""
+        out = []
+        for comp in self.components:
+            if bool(comp.has_ref):
+                mean, var = comp.vae.latent_fit(x)
+                out.append(symmetric_kl(mean, var, comp.ref_mean, comp.ref_var))
+        return out
 
     @torch.no_grad()
     def novelty(self) -> float:
-        """The smallest mean VAE loss on the memory over the frozen components (inf when none)."""
+        """How unlike the memory is to what the learned components model (inf when none has learned yet)."""
+        x, _ = self.memory.contents()
+        if self.opts.levit_novelty == "latent":
+            return min(self.latent_distances(x), default=float("inf"))
         frozen = self.components if not self.current else self.components[:-1]
         if not len(frozen):
             return float("inf")
-        x, _ = self.memory.contents()
         return min(float(torch.cat([c.vae.loss(x[i:i + 256], sample=False)
                                     for i in range(0, len(x), 256)]).mean()) for c in frozen)
 
     def check_expansion(self) -> None:
         self.last_check = int(self.memory.seen)
-        self.freeze_current()
+        if self.opts.levit_novelty == "elbo":
+            self.freeze_current()  # our earlier rule: every check freezes the current component
         score = self.novelty()
         expand = score > self.opts.levit_gamma and len(self.components) < self.opts.levit_max_experts
         if expand:
+            self.freeze_current()  # it has learned novel information: keep it as it is
             self.model.add_component(self.device)
             self.current = True
             self.created_at.append(self.last_check)
@@ -274,7 +457,9 @@ class LEViT(OnlineApproach):
             self.model.add_component(self.device)
         self.current = bool(state["current"])
         for j, comp in enumerate(self.components):
-            comp.requires_grad_(self.current and j == len(self.components) - 1)
+            comp.set_trainable(self.current and j == len(self.components) - 1)
+        if self.model.shared is not None:
+            self.model.shared.requires_grad_(self.shared_trains)
         self.last_check = int(state["last_check"])
         self.created_at = list(state["created_at"])
         self.checks = list(state["checks"])
