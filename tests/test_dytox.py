@@ -22,34 +22,138 @@ def snapshot(module):
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-@pytest.mark.parametrize("finetune_tab", [False, True])
-def test_tokens_and_heads_per_task_and_earlier_ones_stay_fixed(tmp_path, finetune_tab):
-    engine = dytox_engine(tmp_path, dytox_finetune_tab=finetune_tab)
+def watch_finetuning(approach):
+    """Record, at the balanced fine-tuning's optimiser step, which parameters require gradients, which the
+    optimiser holds, whether the encoder is in eval mode; and which parameters the fine-tuning changed."""
+    m, seen = approach.model, {}
+    names = {id(p): n for n, p in m.named_parameters()}
+    make_step, finetune = approach.optimizer_step, approach.balanced_finetune
+
+    def optimizer_step(opt, params=None, **kw):
+        seen["requires_grad"] = {n for n, p in m.named_parameters() if p.requires_grad}
+        seen["optimised"] = {names[id(p)] for g in opt.param_groups for p in g["params"]}
+        seen["lr"] = sorted({g["lr"] for g in opt.param_groups})
+        seen["encoder_training"] = m.backbone.training
+        return make_step(opt, params, **kw)
+
+    def balanced_finetune(task):
+        seen["before_finetuning"] = start = snapshot(m)
+        finetune(task)
+        seen["changed"] = {n for n, p in m.named_parameters() if not torch.equal(p, start[n])}
+
+    approach.optimizer_step, approach.balanced_finetune = optimizer_step, balanced_finetune
+    return seen
+
+
+@pytest.mark.parametrize("flags", [{}, {"dytox_finetune_tab": False}, {"dytox_finetune_old": False}])
+def test_balanced_finetuning_trains_what_the_reference_trains(tmp_path, flags):
+    """Default (reference `freeze_ft: [sab]`): the patch and position embeddings and the SABs frozen; the TAB,
+    every task token and every head seen so far trained. The flags give back mmcl's earlier variants."""
+    engine = dytox_engine(tmp_path, vit_depth=3, learning_rate=1e-2, num_train_epochs=1, dytox_finetune_epochs=1,
+                          **flags)
     approach, m = engine.approach, engine.approach.model
-    assert len(m.task_tokens) == len(m.heads) == 3
+    o = approach.opts
+    if not flags:  # the built approach's defaults are the reference's (20 epochs as the paper; 1 here)
+        assert (o.dytox_finetune_tab, o.dytox_finetune_old, o.dytox_finetune_lr_scale, o.dytox_herding,
+                o.dytox_tab_in_depth, o.dytox_div_weight) == (True, True, 0.1, "all", True, 0.1)
+        assert type(o)().dytox_finetune_epochs == 20
     engine.train_task(engine.seq[0])
-    assert approach.tasks_seen == 1
     before = snapshot(m)
-    finetuned = {}
-    original = approach.balanced_finetune
-
-    def watched(task):  # what the balanced fine-tuning phase alone changes
-        start = snapshot(m)
-        original(task)
-        finetuned.update({n: not torch.equal(p, start[n]) for n, p in m.named_parameters()})
-
-    approach.balanced_finetune = watched
+    seen = watch_finetuning(approach)
     engine.train_task(engine.seq[1])
-    after = snapshot(m)
-    assert approach.tasks_seen == 2
-    for prefix in ("task_tokens.0", "heads.0."):  # task 0's token and head: untouched by task 1 and its fine-tuning
-        names = [n for n in before if n.startswith(prefix)]
-        assert names and all(torch.equal(before[n], after[n]) for n in names), prefix
-    assert not torch.equal(before["task_tokens.1"], after["task_tokens.1"])  # the new token did learn
-    changed = {n for n, c in finetuned.items() if c}
-    allowed = ("task_tokens.1", "heads.1.") + (("tab.",) if finetune_tab else ())
-    assert changed and all(n.startswith(allowed) for n in changed), changed
-    assert any(n.startswith("tab.") for n in changed) == finetune_tab
+    # while task 1 trains, task 0's token and head stay fixed (the reference's freeze_task: [old_task_tokens,
+    # old_heads]); the new token and head, the TAB and the encoder learn
+    trained_in_task = {n for n, p in seen["before_finetuning"].items() if not torch.equal(p, before[n])}
+    assert not any(n.startswith(("task_tokens.0", "heads.0.")) for n in trained_in_task)
+    for prefix in ("task_tokens.1", "heads.1.", "tab.", "backbone.model.blocks.0.", "backbone.model.blocks.1."):
+        assert any(n.startswith(prefix) for n in trained_in_task), prefix
+    tab, old = flags.get("dytox_finetune_tab", True), flags.get("dytox_finetune_old", True)
+    trained = {"task_tokens.1", "heads.1.0.weight", "heads.1.0.bias", "heads.1.1.weight", "heads.1.1.bias"}
+    if old:
+        trained |= {"task_tokens.0", "heads.0.0.weight", "heads.0.0.bias", "heads.0.1.weight", "heads.0.1.bias"}
+    if tab:
+        trained |= {n for n, _ in m.named_parameters() if n.startswith("tab.")}
+    assert seen["requires_grad"] == seen["optimised"] == trained
+    assert seen["lr"] == [pytest.approx(1e-3)]  # 0.1 x the learning rate
+    assert not seen["encoder_training"]  # the frozen SABs in eval mode, as the reference's freeze("sab")
+    encoder = {n for n, _ in m.named_parameters() if n.startswith("backbone.")}
+    assert {"backbone.model.patch_embed.proj.weight", "backbone.model.pos_embed",
+            "backbone.model.blocks.0.attn.qk.weight", "backbone.model.blocks.1.attn.qk.weight"} <= encoder
+    assert not encoder & seen["requires_grad"]
+    assert not any(n.startswith(("divergence.", "task_tokens.2", "heads.2.")) for n in seen["requires_grad"])
+    # and the fine-tuning did move what it trains (the optimiser's view is not all there is)
+    assert seen["changed"] <= trained and {"task_tokens.0", "heads.0.1.weight"} & seen["changed"] == (
+        {"task_tokens.0", "heads.0.1.weight"} if old else set())
+    assert any(n.startswith("tab.") for n in seen["changed"]) == tab
+
+
+@pytest.mark.parametrize("tab_in_depth", [True, False])
+def test_depth_counts_the_task_attention_block(tmp_path, tab_in_depth):
+    """--vit_depth 3: 2 gated-positional SABs + the TAB (paper: depth 6 = 5 SABs + 1 TAB); without
+    --dytox_tab_in_depth, convit's 3 blocks (2 gated-positional, 1 plain) and the TAB on top."""
+    engine = dytox_engine(tmp_path, vit_depth=3, dytox_tab_in_depth=tab_in_depth)
+    m = engine.approach.model
+    kinds = [type(block.attn).__name__ for block in m.backbone.model.blocks]
+    assert kinds == (["GPSA", "GPSA"] if tab_in_depth else ["GPSA", "GPSA", "MHSA"])
+    assert any(n.startswith("backbone.model.blocks.2.") for n, _ in m.named_parameters()) == (not tab_in_depth)
+    batch = next(iter(engine.loader(engine.seq[0].test, 4, shuffle=False)))
+    calls = []
+    hooks = [b.register_forward_hook(lambda *_: calls.append(1)) for b in m.backbone.model.blocks]
+    m.embeddings(batch, [0])
+    assert len(calls) == len(kinds)  # every encoder block kept runs, then the TAB
+    for h in hooks:
+        h.remove()
+
+
+def test_herding_on_the_newest_embedding_alone_is_an_option(tmp_path):
+    engine = dytox_engine(tmp_path, dytox_herding="last")
+    task = engine.seq[1]
+    assert engine.approach.herding_features(task).shape == (len(task.train), engine.approach.model.tab.q.in_features)
+
+
+def test_herding_ranks_on_the_concatenated_embeddings_of_all_task_tokens(tmp_path):
+    """The reference's icarl_all: after task t the ranking features are [e_0; ...; e_t], width (t + 1) x D."""
+    engine = dytox_engine(tmp_path, dytox_finetune_epochs=0, num_train_epochs=1)
+    assert engine.approach.opts.dytox_herding == "all"  # the default
+    approach, m = engine.approach, engine.approach.model
+    engine.train_task(engine.seq[0])
+    task = engine.seq[1]
+    ranked = []
+    features_of = approach.herding_features
+    approach.herding_features = lambda t: ranked.append(features_of(t)) or ranked[-1]
+    engine.train_task(task)
+    (features,) = ranked
+    width = m.task_tokens[0].shape[-1]
+    assert features.shape == (len(task.train), 2 * width)
+    batch = approach.batch_from_rows([task.train[i] for i in range(3)])
+    m.eval()
+    with torch.no_grad():
+        emb = m.embeddings(batch, [0, 1])
+    torch.testing.assert_close(features[:3], emb.flatten(1), rtol=1e-4, atol=1e-5)
+    # the memory keeps, per new class, the first rows of the herding order on these features
+    targets = np.asarray(task.train["target"])
+    kept = {row for t, row, _ in approach.memory.items if t == 1}
+    expected = set()
+    for c in np.unique(targets):
+        rows = np.flatnonzero(targets == c)
+        expected |= set(rows[herding_order(features[rows], 5)].tolist())  # 20 rows / 4 classes
+    assert kept == expected
+
+
+def test_dytox_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="--dytox_herding must be one of all, last"):
+        dytox_engine(tmp_path, dytox_herding="token")
+
+
+def test_dytox_cpu_preset_is_the_cpu_tuning():
+    from mmcl.flags import build_config
+
+    cfg = build_config({"task": "split_digits", "baseline": "dytox", "backbone": "convit", "preset": "dytox_cpu"})
+    assert cfg.preset == "dytox_cpu"
+    reference = build_config({"task": "split_digits", "baseline": "dytox", "backbone": "convit"})
+    changed = {k for k in cfg.options if cfg.options[k] != reference.options[k]}
+    assert changed and changed <= {"dytox_finetune_lr_scale", "dytox_finetune_tab", "dytox_finetune_old",
+                                   "dytox_herding", "dytox_tab_in_depth"}
 
 
 def test_balanced_finetune_steps_on_the_global_batch(tmp_path):

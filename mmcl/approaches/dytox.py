@@ -2,13 +2,18 @@
 
 Data flow for a batch of images while learning task t:
 
-  shared encoder: the ConViT's patch embedding and its self-attention blocks (gated positional
-    ones, then plain ones), over patch tokens only (no class token):     x (B, N, D)
+  shared encoder: the ConViT's patch embedding, position embedding and its self-attention blocks
+    (SABs, gated positional), over patch tokens only (no class token):   x (B, N, D)
   task-attention block (TAB): for each task j <= t, its learned token theta_j is the only query
     and attends to [theta_j; x]; LayerNorm-attention-residual, LayerNorm-MLP-residual:
                                                                           e_j (B, D)
   classifiers: task j's own LayerNorm + Linear on e_j gives its classes' logits; the logits of
     tasks 0..t are concatenated (CIL: all classes seen; TIL: only the tested task's head).
+
+Depth: --vit_depth counts the TAB, as the paper and the reference config do (CIFAR: depth 6 =
+5 SABs + 1 TAB, `local_up_to_layer: 5`): the encoder keeps --vit_depth - 1 blocks, all gated
+positional. --no-dytox_tab_in_depth keeps all --vit_depth blocks of `convit` (the last a plain one)
+and puts the TAB on top (mmcl before issue #20).
 
 Loss (t > 0): (1 - lambda) BCE(sigmoid logits, one-hot) + lambda KD + 0.1 divergence, with
   lambda = old classes / classes seen; KD = KL(softmax(old model's old logits) || softmax(new
@@ -17,20 +22,25 @@ Loss (t > 0): (1 - lambda) BCE(sigmoid logits, one-hot) + lambda KD + 0.1 diverg
   (LayerNorm + Linear on e_t) classifies the new task's classes plus one "old" class with the same
   sigmoid BCE. Task 0: BCE alone.
 Each new task token starts from a fresh truncated normal (std 0.02), as in the reference code.
-While task t trains, the tokens and heads of earlier tasks are frozen; the encoder and the TAB
-are shared and trained (the distillation holds them near the previous model).
+While task t trains, the tokens and heads of earlier tasks are frozen (the reference's
+`freeze_task: [old_task_tokens, old_heads]`); the encoder and the TAB are shared and trained (the
+distillation holds them near the previous model).
 
 Rehearsal: a class-balanced memory of --memory_size examples in total (the global budget on any
 number of processes: it is chosen from the whole task with the same features everywhere), filled
-by herding on e_t of each new class; the new task trains on its data plus the memory.
+by herding on the concatenation [e_0; ...; e_t] of every task embedding (the reference's
+`rehearsal: icarl_all`; --dytox_herding last ranks on e_t alone, its `icarl_token`); the new task
+trains on its data plus the memory.
 After each task t > 0, balanced fine-tuning: --dytox_finetune_epochs (20, as the paper) over the
 memory alone (class-balanced, the new classes included) at --dytox_finetune_lr_scale (the paper's
-0.1) x the learning rate, training the new task's token and head; --dytox_finetune_tab also trains
-the TAB, as the reference code does (it freezes only the self-attention blocks). Earlier tokens and
-heads never change. docs/results/dytox.md has what each choice measured.
+0.1) x the learning rate, constant, with the BCE alone (no distillation, no divergence head: the
+reference's `head_div_mode: tr`). It trains what the reference trains (`freeze_ft: [sab]`): only the
+patch and position embeddings and the SABs stay frozen (in eval mode); the TAB, every task token and
+every head so far are fine-tuned. --no-dytox_finetune_tab keeps the TAB fixed, --no-dytox_finetune_old
+the earlier tasks' tokens and heads. docs/results/dytox.md has what each choice measured.
 
-Scaled for a CPU and 28-32 px images: the encoder is mmcl's `convit` (default width 192, 4
-blocks, 3 heads, patch 4; the paper's CIFAR model is width 384, 5 + 1 blocks, 12 heads).
+Scaled for a CPU and 8-32 px images: mmcl's `convit` defaults (width 192, depth 4 = 3 SABs + 1 TAB
+here, 3 heads, patch 4; the paper's CIFAR model is width 384, 5 + 1 blocks, 12 heads).
 """
 from __future__ import annotations
 
@@ -45,6 +55,7 @@ from mmcl.approaches import APPROACHES
 from mmcl.approaches.base import Approach, frozen_copy
 from mmcl.data.sequence import Task
 from mmcl.memory import Memory, MemoryOptions, herding_order
+from mmcl.optim import make_optimizer
 from mmcl.options import option, positive
 
 
@@ -80,14 +91,20 @@ def classifier(dim: int, n: int) -> nn.Module:
 
 
 class DyToxModel(nn.Module):
-    def __init__(self, backbone, layout: list[int]) -> None:
+    def __init__(self, backbone, layout: list[int], tab_in_depth: bool = True) -> None:
         super().__init__()
         encoder = backbone.model
         if not hasattr(encoder, "local_up_to_layer"):
             raise ValueError(f"--baseline dytox needs --backbone convit, got a {type(encoder).__name__}")
+        heads = encoder.blocks[0].attn.num_heads  # the TAB has as many heads as the encoder
+        if tab_in_depth:
+            # The TAB takes the place of the encoder's last block (the paper's depth counts it): `convit`
+            # builds --vit_depth - 1 gated-positional blocks and one plain one; the plain one goes. With
+            # --vit_depth 1 no SAB is left (the TAB reads the embedded patches), as in the reference.
+            encoder.blocks = encoder.blocks[:len(encoder.blocks) - 1]
         self.backbone = backbone
         dim = encoder.embed_dim
-        self.tab = TaskAttentionBlock(dim, encoder.blocks[0].attn.num_heads)  # as many heads as the encoder
+        self.tab = TaskAttentionBlock(dim, heads)
         # one token per task, each its own parameter: earlier ones are frozen while later tasks train
         self.task_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, 1, dim)) for _ in layout)
         for token in self.task_tokens:
@@ -96,6 +113,11 @@ class DyToxModel(nn.Module):
         self.divergence = nn.ModuleList(classifier(dim, n + 1) for n in layout)  # new classes + "old"
         self.layout = list(layout)
         self.offsets = np.cumsum([0] + self.layout).tolist()
+
+    @property
+    def sabs(self) -> nn.ModuleList:
+        """The encoder's self-attention blocks."""
+        return self.backbone.model.blocks
 
     def patch_tokens(self, batch: dict) -> torch.Tensor:
         m = self.backbone.model
@@ -127,20 +149,34 @@ def distillation_weight(old_classes: int, seen_classes: int) -> float:
     return old_classes / seen_classes
 
 
+HERDING_FEATURES = ("all", "last")
+
+
 @dataclass
 class DyToxOptions(MemoryOptions):
     title = "DyTox options"
     dytox_div_weight: float = option(0.1, "the divergence head's loss weight")
     dytox_finetune_epochs: int = option(20, "balanced fine-tuning epochs after each task > 0 (paper: 20)")
     dytox_finetune_lr_scale: float = option(0.1, "its learning rate as a share of --learning_rate (paper: 5e-5 vs 5e-4)")
-    dytox_finetune_tab: bool = option(False, "the balanced fine-tuning also trains the task-attention block "
-                                             "(reference code)")
+    dytox_finetune_tab: bool = option(True, "the balanced fine-tuning trains the task-attention block (reference "
+                                            "code; --no-dytox_finetune_tab: it stays fixed, mmcl before issue #20)")
+    dytox_finetune_old: bool = option(True, "the balanced fine-tuning trains the earlier tasks' tokens and heads too "
+                                            "(reference code; --no-dytox_finetune_old: only the new task's, mmcl "
+                                            "before issue #20)")
+    dytox_herding: str = option("all", "herding features: all (the concatenated embeddings of every task token, "
+                                       "the reference's icarl_all) | last (the new task's embedding alone, "
+                                       "icarl_token; mmcl before issue #20)")
+    dytox_tab_in_depth: bool = option(True, "--vit_depth counts the task-attention block (paper: 5 SABs + 1 TAB "
+                                            "at depth 6); --no-dytox_tab_in_depth adds it on top of --vit_depth "
+                                            "encoder blocks (mmcl before issue #20)")
 
     def validate(self) -> None:
         super().validate()
         positive(self, "dytox_finetune_lr_scale")
         if self.dytox_finetune_epochs < 0 or self.dytox_div_weight < 0:
             raise ValueError("--dytox_finetune_epochs and --dytox_div_weight must be >= 0")
+        if self.dytox_herding not in HERDING_FEATURES:
+            raise ValueError(f"--dytox_herding must be one of {', '.join(HERDING_FEATURES)}, got '{self.dytox_herding}'")
 
 
 @APPROACHES.register("dytox")
@@ -158,7 +194,7 @@ class DyTox(Approach):
         self.tasks_seen = 0
 
     def build_model(self, backbone) -> nn.Module:
-        return DyToxModel(backbone, [t.num_classes for t in self.seq])
+        return DyToxModel(backbone, [t.num_classes for t in self.seq], tab_in_depth=self.opts.dytox_tab_in_depth)
 
     # -- data -----------------------------------------------------------------------------------
     def memory_rows(self):
@@ -219,13 +255,15 @@ class DyTox(Approach):
         return (1 - lam) * bce + lam * kd + self.opts.dytox_div_weight * div
 
     @torch.no_grad()
-    def task_embeddings(self, task: Task) -> torch.Tensor:
-        """e_t of every training example of `task` (the herding features)."""
+    def herding_features(self, task: Task) -> torch.Tensor:
+        """The features herding ranks `task`'s training examples on: (n, (t + 1) D), the task embeddings
+        e_0..e_t side by side (--dytox_herding all), or (n, D), e_t alone (last)."""
+        tokens = list(range(task.id + 1)) if self.opts.dytox_herding == "all" else [task.id]
         self.model.eval()
         out = []
         for start in range(0, len(task.train), self.cfg.eval_batch_size):
             rows = task.train.select(range(start, min(start + self.cfg.eval_batch_size, len(task.train))))
-            out.append(self.model.embeddings(self.batch_from_rows(list(rows)), [task.id])[:, 0])
+            out.append(self.model.embeddings(self.batch_from_rows(list(rows)), tokens).flatten(1))
         self.model.train()
         return torch.cat(out)
 
@@ -233,7 +271,7 @@ class DyTox(Approach):
         targets = np.asarray(task.train["target"])
         if not self.scenario.global_labels:  # TIL's targets are local: herd per global class
             targets = targets + task.class_offset
-        features = self.task_embeddings(task).cpu()
+        features = self.herding_features(task).cpu()
         quota = max(1, self.opts.memory_size // self.model.offsets[task.id + 1])
         order = []
         for c in np.unique(targets):
@@ -243,19 +281,32 @@ class DyTox(Approach):
         if task.id > 0 and self.opts.dytox_finetune_epochs > 0:
             self.balanced_finetune(task)
 
-    def balanced_finetune(self, task: Task) -> None:
-        """The new token and head (and the TAB with --dytox_finetune_tab), on the class-balanced memory.
-
-        Earlier tokens and heads never change here; the encoder's self-attention blocks neither
-        (the paper freezes them too)."""
+    def finetuned_parameters(self, task: Task) -> list[nn.Parameter]:
+        """What the balanced fine-tuning after `task` trains: the reference's `freeze_ft: [sab]` leaves the
+        TAB, every task token and every head trainable (tokens and heads of tasks not seen yet are not in the
+        loss). The patch and position embeddings and the SABs stay fixed; so does the divergence head, which
+        the reference uses only while a task trains (`head_div_mode: tr`)."""
         m = self.model
-        m.requires_grad_(False)
-        params = [m.task_tokens[task.id], *m.heads[task.id].parameters()]
+        tasks = range(task.id + 1) if self.opts.dytox_finetune_old else [task.id]
+        params = [p for j in tasks for p in (m.task_tokens[j], *m.heads[j].parameters())]
         if self.opts.dytox_finetune_tab:
             params += list(m.tab.parameters())
+        return params
+
+    def balanced_finetune(self, task: Task) -> None:
+        """The TAB, the task tokens and the heads on the class-balanced memory (see `finetuned_parameters`)."""
+        m = self.model
+        m.requires_grad_(False)
+        params = self.finetuned_parameters(task)
         for p in params:
             p.requires_grad_(True)
-        opt = self.prepare_optimizer(torch.optim.AdamW(params, lr=self.cfg.learning_rate * self.opts.dytox_finetune_lr_scale))
+        m.train()
+        m.backbone.eval()  # the frozen encoder in eval mode, as the reference's freeze("sab") (dropout off)
+        # the run's optimiser and weight decay, as the reference's create_optimizer; a constant rate
+        opt = make_optimizer(self.cfg, params)
+        for group in opt.param_groups:
+            group["lr"] = self.cfg.learning_rate * self.opts.dytox_finetune_lr_scale
+        opt = self.prepare_optimizer(opt)
         # no DDP wrapper here (see below): the step's backward must not wait for other processes' gradients
         step = self.optimizer_step(opt, params)
         data = self.memory_rows()
@@ -263,7 +314,6 @@ class DyTox(Approach):
         # Every process holds the same memory and runs this same loop on the global batch (no DDP
         # wrapper here), so k processes fine-tune exactly as one process with k x the batch does.
         bs = self.cfg.train_batch_size * self.world[0]
-        m.train()
         steps = -(-len(data) // bs)
         for epoch in range(self.opts.dytox_finetune_epochs):
             order = rng.permutation(len(data))
@@ -275,6 +325,7 @@ class DyTox(Approach):
                 step(loss, {"task": f"{task.id} ({task.name})", "phase": "balanced fine-tuning",
                             "epoch": f"{epoch + 1} of {self.opts.dytox_finetune_epochs}", "step": f"{i + 1} of {steps}"})
         m.requires_grad_(True)  # before_task sets what the next task trains
+        m.train()
 
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()
