@@ -500,3 +500,15 @@ def test_levit_export_and_from_pretrained_give_the_same_predictions(tmp_path):
     batch = hide_task(next(iter(engine.loader(engine.seq[1].test, 32, shuffle=False))))
     engine.approach.eval()
     assert torch.equal(model.predict(batch, None), engine.approach.predict(batch, None))
+
+
+def test_levit_cpu_preset_sets_only_the_learning_rate():
+    from mmcl.flags import build_config
+
+    cfg = build_config({"task": "split_digits", "baseline": "levit", "scenario": "online", "preset": "levit_cpu"})
+    paper = build_config({"task": "split_digits", "baseline": "levit", "scenario": "online"})
+    assert cfg.options["levit_lr"] == pytest.approx(1e-3) and paper.options["levit_lr"] == pytest.approx(1e-4)
+    assert {k: v for k, v in cfg.options.items() if k != "levit_lr"} == \
+        {k: v for k, v in paper.options.items() if k != "levit_lr"}
+    with pytest.raises(ValueError, match="levit_cpu is a setting of --baseline levit"):
+        build_config({"task": "split_digits", "baseline": "mir", "scenario": "online", "preset": "levit_cpu"})
