@@ -91,6 +91,7 @@ class Engine:
 
     def loader(self, dataset, batch_size: int, shuffle: bool, seed: int = 0):
         return make_loader(self.accelerator, self.collate, dataset, batch_size, shuffle, seed)
+
     # -- evaluation ------------------------------------------------------------------------
     def evaluate_task(self, task: Task, split: str = "test") -> tuple[float, float, float | None]:
         """(accuracy %, macro-F1 %, task-aware accuracy % for CIL or None) on one task's split."""

@@ -37,7 +37,8 @@ RESULTS = Path("docs") / "results"
 BEGIN = re.compile(r"^<!-- table: ([A-Za-z0-9_.-]+) -->$")
 END = "<!-- /table -->"
 # metrics.json's summary scalars and the meta fields a table may show
-SUMMARY_KEYS = ("acc_final", "macro_f1_final", "bwt", "fwt", "forgetting", "aia", "til_acc_final")
+SUMMARY_KEYS = ("acc_final", "acc_final_weighted", "macro_f1_final", "bwt", "fwt", "forgetting", "aia", "aia_weighted",
+                "til_acc_final")
 META_KEYS = ("minutes", "trainable_parameters", "parameters")
 
 

@@ -209,11 +209,11 @@ def test_mixed_reader_errors_name_the_problem(tmp_path, params, match):
 
 def test_shipped_mixed_sequence_alternates_vader4_and_fmnist():
     from mmcl.data import ReaderContext, load_task_sequence
-    from mmcl.data.vision import fmnist_files
+    from mmcl.data.vision import idx_files
 
     from pathlib import Path
 
-    if fmnist_files(Path("/usr/share/datasets/fashion-mnist")) is None:
+    if idx_files(Path("/usr/share/datasets/fashion-mnist")) is None:
         pytest.skip("Fashion-MNIST not installed")
     seq = load_task_sequence("mixed_vader4_fmnist", ReaderContext(ntasks=4))
     assert [(t.name, t.modality) for t in seq] == [("amazon", "text"), ("fmnist_0_1", "image"),

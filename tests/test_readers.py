@@ -499,7 +499,7 @@ def test_split_fmnist_on_tiny_files(tmp_path):
 
 
 def test_split_fmnist_not_found_lists_paths(tmp_path, monkeypatch):
-    monkeypatch.setattr(vision_readers, "SYSTEM_FMNIST_DIRS", [tmp_path / "system"])
+    monkeypatch.setitem(vision_readers.SYSTEM_DIRS, "split_fmnist", [tmp_path / "system"])
     monkeypatch.setenv("MMCL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MMCL_OFFLINE", "1")
     monkeypatch.delenv("MMCL_DATA", raising=False)
@@ -509,6 +509,27 @@ def test_split_fmnist_not_found_lists_paths(tmp_path, monkeypatch):
     for path in (tmp_path / "data", tmp_path / "data" / "fashion-mnist", tmp_path / "system", tmp_path / "cache"):
         assert str(path) in msg
     assert "apt-get install dataset-fashion-mnist" in msg and "--data_dir" in msg
+
+
+def test_split_mnist_reads_digits_and_never_a_fashion_mnist_folder(tmp_path, monkeypatch):
+    # MNIST's idx files have Fashion-MNIST's names: a system Fashion-MNIST folder must not stand in for them
+    system = tmp_path / "system"
+    write_tiny_fmnist(system, per_class=10)
+    monkeypatch.setitem(vision_readers.SYSTEM_DIRS, "split_fmnist", [system])
+    monkeypatch.setenv("MMCL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MMCL_OFFLINE", "1")
+    monkeypatch.delenv("MMCL_DATA", raising=False)
+    with pytest.raises(DataNotFoundError) as e:
+        load_task_sequence("split_mnist", ReaderContext(data_dir=tmp_path / "data"))
+    msg = str(e.value)
+    assert "MNIST not found" in msg and str(tmp_path / "data" / "mnist") in msg and str(system) not in msg
+    assert READERS.get("split_fmnist")({}, ReaderContext(data_dir=tmp_path / "data"))[0].name == "fmnist_0_1"
+    write_tiny_fmnist(tmp_path / "data" / "MNIST" / "raw", per_class=20)
+    seq = load_task_sequence("split_mnist", ReaderContext(data_dir=tmp_path / "data", seed=0))
+    assert seq.name == "split_mnist" and [t.name for t in seq][:2] == ["mnist_0_1", "mnist_2_3"]
+    assert [t.classes for t in seq][-1] == ["8", "9"] and seq.info["source"] == str(tmp_path / "data" / "MNIST" / "raw")
+    for task in seq:
+        assert len(task.train) + len(task.valid) == 40 and len(task.test) == 20
 
 
 @needs_fmnist

@@ -1,7 +1,7 @@
-"""Image task-sequence readers: `split_fmnist` (Fashion-MNIST), `split_digits` (scikit-learn digits),
-`cifar100` (binary version) and `imagenet_r` (class folders of images).
+"""Image task-sequence readers: `split_fmnist` (Fashion-MNIST), `split_mnist` (MNIST), `split_digits`
+(scikit-learn digits), `cifar100` (binary version) and `imagenet_r` (class folders of images).
 
-Both split a 10-class dataset into tasks of `classes_per_task` classes. Splits have the
+The first three split a 10-class dataset into tasks of `classes_per_task` classes. Splits have the
 columns `image` (uint8 HxW, stored as a datasets Array2D) and `label` (local 0..n-1).
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -106,18 +107,43 @@ def read_idx(path: str | Path) -> np.ndarray:
     return data.astype(dtype.newbyteorder("="), copy=False)
 
 
-# ----------------------------------------------------------------------------- Fashion-MNIST
+# ----------------------------------------------------------------------------- Fashion-MNIST and MNIST
 
 FMNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-FMNIST_FILES = {
+IDX_FILES = {  # the same four file names for MNIST and Fashion-MNIST
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
 }
-SYSTEM_FMNIST_DIRS = [Path("/usr/share/datasets/fashion-mnist")]  # Debian: apt-get install dataset-fashion-mnist
+
+
+@dataclass(frozen=True)
+class IdxDataset:
+    """A 10-class image set shipped as the four MNIST-format idx files, and where to look for them."""
+
+    reader: str  # the reader's name, e.g. split_fmnist
+    prefix: str  # task names: <prefix>_<class>_<class>
+    title: str  # in messages
+    classes: tuple[str, ...]
+    subdirs: tuple[str, ...]  # searched under --data_dir (and MMCL_DATA) besides itself
+    torchvision: str  # torchvision.datasets class for a download; its raw/ folder under the cache
+    how: str  # how to get the files, for the not-found message
+
+
+FMNIST = IdxDataset("split_fmnist", "fmnist", "Fashion-MNIST", tuple(FMNIST_CLASSES), ("fashion-mnist", "FashionMNIST/raw"),
+                    "FashionMNIST", "Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs "
+                    "/usr/share/datasets/fashion-mnist), or")
+MNIST = IdxDataset("split_mnist", "mnist", "MNIST", tuple(str(c) for c in range(10)), ("mnist", "MNIST/raw"), "MNIST",
+                   "Download MNIST's idx files (e.g. torchvision.datasets.MNIST(root, download=True)) and")
+# Folders searched after --data_dir. MNIST has none: since its files have Fashion-MNIST's names, a system
+# folder of the one must never stand in for the other.
+SYSTEM_DIRS: dict[str, list[Path]] = {
+    "split_fmnist": [Path("/usr/share/datasets/fashion-mnist")],  # Debian: apt-get install dataset-fashion-mnist
+    "split_mnist": [],
+}
 
 
 def cache_dir() -> Path:
@@ -128,10 +154,10 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("MMCL_OFFLINE") == "1"
 
 
-def fmnist_files(folder: Path) -> dict[str, Path] | None:
+def idx_files(folder: Path) -> dict[str, Path] | None:
     """The four idx files in `folder` (plain or .gz), or None if any is missing."""
     found = {}
-    for key, stem in FMNIST_FILES.items():
+    for key, stem in IDX_FILES.items():
         for name in (stem, stem + ".gz"):
             if (folder / name).is_file():
                 found[key] = folder / name
@@ -141,92 +167,86 @@ def fmnist_files(folder: Path) -> dict[str, Path] | None:
     return found
 
 
-def fmnist_search_dirs(params: dict, ctx: ReaderContext) -> list[Path]:
+def idx_search_dirs(spec: IdxDataset, params: dict, ctx: ReaderContext) -> list[Path]:
     dirs = []
     if params.get("path"):
         dirs.append(Path(params["path"]).expanduser())
     root = ctx.data_dir or os.environ.get("MMCL_DATA")
     if root:
         root = Path(root).expanduser()
-        dirs += [root, root / "fashion-mnist", root / "FashionMNIST" / "raw"]
-    dirs += SYSTEM_FMNIST_DIRS
-    dirs.append(cache_dir() / "FashionMNIST" / "raw")  # where an earlier download landed
+        dirs += [root, *(root / sub for sub in spec.subdirs)]
+    dirs += SYSTEM_DIRS[spec.reader]
+    dirs.append(cache_dir() / spec.torchvision / "raw")  # where an earlier download landed
     return dirs
 
 
-def find_fmnist(params: dict, ctx: ReaderContext) -> dict[str, Path]:
-    searched = fmnist_search_dirs(params, ctx)
+def find_idx_files(spec: IdxDataset, params: dict, ctx: ReaderContext) -> dict[str, Path]:
+    searched = idx_search_dirs(spec, params, ctx)
     for folder in searched:
-        files = fmnist_files(folder)
+        files = idx_files(folder)
         if files:
             return files
-    how = (
-        "Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs /usr/share/datasets/fashion-mnist), "
-        "or pass --data_dir DIR (or MMCL_DATA, or params.path) with the idx files "
-        f"({', '.join(FMNIST_FILES.values())}, optionally .gz)."
-    )
+    how = (f"{spec.how} pass --data_dir DIR (or MMCL_DATA, or params.path) with the idx files "
+           f"({', '.join(IDX_FILES.values())}, optionally .gz).")
     if offline():
         raise DataNotFoundError(
-            f"Fashion-MNIST not found in {', '.join(map(str, searched))}; not downloading (HF_HUB_OFFLINE/MMCL_OFFLINE=1). {how}"
+            f"{spec.title} not found in {', '.join(map(str, searched))}; not downloading (HF_HUB_OFFLINE/MMCL_OFFLINE=1). {how}"
         )
     try:
         import torchvision
 
-        torchvision.datasets.FashionMNIST(root=str(cache_dir()), train=True, download=True)
-        torchvision.datasets.FashionMNIST(root=str(cache_dir()), train=False, download=True)
+        for train in (True, False):
+            getattr(torchvision.datasets, spec.torchvision)(root=str(cache_dir()), train=train, download=True)
     except Exception as e:  # no network, no torchvision, a mirror down: all end in the same advice
         raise DataNotFoundError(
-            f"Fashion-MNIST not found in {', '.join(map(str, searched))} and the torchvision download into "
+            f"{spec.title} not found in {', '.join(map(str, searched))} and the torchvision download into "
             f"'{cache_dir()}' failed ({type(e).__name__}: {e}). {how}"
         ) from e
-    raw = cache_dir() / "FashionMNIST" / "raw"
-    files = fmnist_files(raw)
+    raw = cache_dir() / spec.torchvision / "raw"
+    files = idx_files(raw)
     if not files:
-        raise DataNotFoundError(f"torchvision downloaded Fashion-MNIST but '{raw}' lacks the idx files. {how}")
+        raise DataNotFoundError(f"torchvision downloaded {spec.title} but '{raw}' lacks the idx files. {how}")
     return files
 
 
 @functools.lru_cache(maxsize=2)
-def _load_fmnist(files: tuple[tuple[str, Path], ...]) -> dict[str, np.ndarray]:
+def _load_idx(title: str, files: tuple[tuple[str, Path], ...]) -> dict[str, np.ndarray]:
     # cached: a run builds the sequence once per process, but tests and sweeps build it often
     arrays = {key: read_idx(path) for key, path in files}
     for split in ("train", "test"):
         x, y = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise IdxFormatError(
-                f"Fashion-MNIST {split}: images {x.shape} ({dict(files)[f'{split}_images']}) do not match "
+                f"{title} {split}: images {x.shape} ({dict(files)[f'{split}_images']}) do not match "
                 f"labels {y.shape} ({dict(files)[f'{split}_labels']})"
             )
-        bad = np.flatnonzero((y < 0) | (y >= len(FMNIST_CLASSES)))
+        bad = np.flatnonzero((y < 0) | (y >= 10))
         if bad.size:
             raise IdxFormatError(
-                f"Fashion-MNIST labels file '{dict(files)[f'{split}_labels']}': label {y[bad[0]]} at index {bad[0]} "
-                f"is outside 0..{len(FMNIST_CLASSES) - 1}" + (f" ({bad.size} labels are)" if bad.size > 1 else "")
+                f"{title} labels file '{dict(files)[f'{split}_labels']}': label {y[bad[0]]} at index {bad[0]} "
+                f"is outside 0..9" + (f" ({bad.size} labels are)" if bad.size > 1 else "")
             )
     for a in arrays.values():
         a.flags.writeable = False  # shared by every caller of the cache
     return arrays
 
 
-@READERS.register("split_fmnist")
-def read_split_fmnist(params: dict, ctx: ReaderContext) -> TaskSequence:
-    """Split Fashion-MNIST: tasks of `classes_per_task` (2) classes, in `class_order` (default 0..9).
+def read_idx_split(spec: IdxDataset, params: dict, ctx: ReaderContext) -> TaskSequence:
+    """Tasks of `classes_per_task` (2) classes of an idx image set, in `class_order` (default 0..9).
 
-    The valid split is a seeded `valid_fraction` (0.1) of each task's training images; test is
-    t10k. Caps: max_train_per_task (ctx overrides params), max_eval_per_task (valid and test).
-    Files: params.path, --data_dir (also its fashion-mnist/ and FashionMNIST/raw/),
-    /usr/share/datasets/fashion-mnist, ~/.cache/mmcl, else a torchvision download unless offline.
+    The valid split is a seeded `valid_fraction` (0.1) of the training images; test is t10k. Caps:
+    max_train_per_task (ctx overrides params), max_eval_per_task (valid and test).
     """
-    files = find_fmnist(params, ctx)
-    data = _load_fmnist(tuple(sorted(files.items())))
+    files = find_idx_files(spec, params, ctx)
+    data = _load_idx(spec.title, tuple(sorted(files.items())))
     chunks = split_classes(10, int(params.get("classes_per_task", 2)), params.get("class_order"))
-    chunks = take_first_tasks(chunks, ctx.ntasks, "split_fmnist")
+    chunks = take_first_tasks(chunks, ctx.ntasks, spec.reader)
     valid_fraction = float(params.get("valid_fraction", 0.1))
     if not 0 <= valid_fraction < 1:
-        raise ValueError(f"split_fmnist: valid_fraction must be in [0, 1), got {valid_fraction}")
+        raise ValueError(f"{spec.reader}: valid_fraction must be in [0, 1), got {valid_fraction}")
     x_train, y_train = data["train_images"], data["train_labels"]
     # one seeded carve of the whole train set, so a class's valid images do not depend on the task split
-    perm = seeded_rng(ctx.seed, "split_fmnist", "valid").permutation(len(y_train))
+    perm = seeded_rng(ctx.seed, spec.reader, "valid").permutation(len(y_train))
     n_valid = int(round(len(y_train) * valid_fraction))
     valid_idx, train_idx = np.sort(perm[:n_valid]), np.sort(perm[n_valid:])
     arrays = {
@@ -236,11 +256,27 @@ def read_split_fmnist(params: dict, ctx: ReaderContext) -> TaskSequence:
     }
     source = str(files["train_images"].parent)
     tasks = [
-        _class_task("fmnist", chunk, FMNIST_CLASSES, arrays, train_cap(params, ctx), params.get("max_eval_per_task"),
+        _class_task(spec.prefix, chunk, spec.classes, arrays, train_cap(params, ctx), params.get("max_eval_per_task"),
                     ctx.seed, source)
         for chunk in chunks
     ]
-    return TaskSequence("split_fmnist", tasks, info={"source": source, "image_shape": tuple(x_train.shape[1:])})
+    return TaskSequence(spec.reader, tasks, info={"source": source, "image_shape": tuple(x_train.shape[1:])})
+
+
+@READERS.register("split_fmnist")
+def read_split_fmnist(params: dict, ctx: ReaderContext) -> TaskSequence:
+    """Split Fashion-MNIST (`read_idx_split`). Files: params.path, --data_dir (also its fashion-mnist/ and
+    FashionMNIST/raw/), /usr/share/datasets/fashion-mnist, ~/.cache/mmcl, else a torchvision download unless
+    offline."""
+    return read_idx_split(FMNIST, params, ctx)
+
+
+@READERS.register("split_mnist")
+def read_split_mnist(params: dict, ctx: ReaderContext) -> TaskSequence:
+    """Split MNIST (`read_idx_split`; classes are the digits). Files: params.path, --data_dir (also its mnist/
+    and MNIST/raw/), ~/.cache/mmcl/MNIST/raw, else a torchvision download unless offline; never a system
+    Fashion-MNIST folder, whose files have the same names."""
+    return read_idx_split(MNIST, params, ctx)
 
 
 # ----------------------------------------------------------------------------- scikit-learn digits
