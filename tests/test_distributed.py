@@ -193,6 +193,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two launches end to end (~20 s): the default suite keeps the two-process check above
 def test_two_machines_on_loopback_complete_a_run(one_process, tmp_path):
     port = free_port()
     procs = [subprocess.Popen(launch_args(2, 2, rank, port) + [SCRIPT, str(tmp_path), "8", "replay"],
