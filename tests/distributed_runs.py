@@ -43,8 +43,8 @@ IMAGE = dict(task="split_digits", max_train_per_task=128, backbone="vit", vit_em
 # vit_depth 2: the depth counts the TAB (the reference's rule), so one SAB + the TAB, the model these
 # tolerances were set on (depth 1 would leave no SAB). 5 fine-tuning epochs, not 20: the check is about
 # processes (accuracies in whole examples, the memory), and 20 only cost time.
-DYTOX = dict(IMAGE, backbone="convit", vit_depth=2, optimizer="adamw", momentum=0.0, learning_rate=5e-3, dytox_finetune_epochs=5,
-             num_train_epochs=4, memory_size=32)
+DYTOX = dict(IMAGE, backbone="convit", vit_depth=2, optimizer="adamw", momentum=0.0, learning_rate=5e-3,
+             dytox_finetune_epochs=5, num_train_epochs=4, memory_size=32)
 # bert_dropout 0: dropout draws its masks per process from the same seed, so two processes of 8 would not
 # drop what one process of 16 drops
 TEXT = dict(task="vader4", max_train_per_task=64, backbone="bert_adapter", bert_adapter_size=16, max_seq_length=32,

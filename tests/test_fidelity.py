@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import synthetic_image_sequence, tiny_config, toy_text_sequence
 from mmcl.engine import Engine
@@ -52,12 +51,12 @@ def test_lwf_rejects_an_unknown_distillation_form(tmp_path):
 
 # -- CTR: PyContinual's KSM by default, ours as the preset ctr_cpu -----------------------------------
 
-def _ctr_plugins(tmp_path, **kw):
+def _ctr_plugins(tmp_path):
     from mmcl.approaches.ctr import CtrPlugin
     from mmcl.optim import make_optimizer
 
     values = dict(task="toytext", backbone="bert_adapter", baseline="ctr", bert_adapter_size=8, max_seq_length=32,
-                  learning_rate=1e-3, output_dir=str(tmp_path / "runs"), progress=False, save_checkpoints=False, **kw)
+                  learning_rate=1e-3, output_dir=str(tmp_path / "runs"), progress=False, save_checkpoints=False)
     engine = Engine(tiny_config(tmp_path, **values), sequence=toy_text_sequence())
     engine.setup()
     groups = make_optimizer(engine.approach.cfg, engine.approach.parameter_groups()).param_groups

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -499,7 +500,7 @@ def test_split_fmnist_on_tiny_files(tmp_path):
 
 
 def test_split_fmnist_not_found_lists_paths(tmp_path, monkeypatch):
-    monkeypatch.setitem(vision_readers.SYSTEM_DIRS, "split_fmnist", [tmp_path / "system"])
+    monkeypatch.setattr(vision_readers, "FMNIST", replace(vision_readers.FMNIST, system_dirs=(tmp_path / "system",)))
     monkeypatch.setenv("MMCL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MMCL_OFFLINE", "1")
     monkeypatch.delenv("MMCL_DATA", raising=False)
@@ -515,7 +516,7 @@ def test_split_mnist_reads_digits_and_never_a_fashion_mnist_folder(tmp_path, mon
     # MNIST's idx files have Fashion-MNIST's names: a system Fashion-MNIST folder must not stand in for them
     system = tmp_path / "system"
     write_tiny_fmnist(system, per_class=10)
-    monkeypatch.setitem(vision_readers.SYSTEM_DIRS, "split_fmnist", [system])
+    monkeypatch.setattr(vision_readers, "FMNIST", replace(vision_readers.FMNIST, system_dirs=(system,)))
     monkeypatch.setenv("MMCL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("MMCL_OFFLINE", "1")
     monkeypatch.delenv("MMCL_DATA", raising=False)

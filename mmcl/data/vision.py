@@ -131,19 +131,18 @@ class IdxDataset:
     subdirs: tuple[str, ...]  # searched under --data_dir (and MMCL_DATA) besides itself
     torchvision: str  # torchvision.datasets class for a download; its raw/ folder under the cache
     how: str  # how to get the files, for the not-found message
+    # folders searched after --data_dir. MNIST has none: its files have Fashion-MNIST's names, so a system
+    # folder of the one must never stand in for the other
+    system_dirs: tuple[Path, ...] = ()
 
 
-FMNIST = IdxDataset("split_fmnist", "fmnist", "Fashion-MNIST", tuple(FMNIST_CLASSES), ("fashion-mnist", "FashionMNIST/raw"),
-                    "FashionMNIST", "Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs "
-                    "/usr/share/datasets/fashion-mnist), or")
+FMNIST = IdxDataset("split_fmnist", "fmnist", "Fashion-MNIST", tuple(FMNIST_CLASSES),
+                    ("fashion-mnist", "FashionMNIST/raw"), "FashionMNIST",
+                    "Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu, installs "
+                    "/usr/share/datasets/fashion-mnist), or",
+                    system_dirs=(Path("/usr/share/datasets/fashion-mnist"),))  # Debian: dataset-fashion-mnist
 MNIST = IdxDataset("split_mnist", "mnist", "MNIST", tuple(str(c) for c in range(10)), ("mnist", "MNIST/raw"), "MNIST",
                    "Download MNIST's idx files (e.g. torchvision.datasets.MNIST(root, download=True)) and")
-# Folders searched after --data_dir. MNIST has none: since its files have Fashion-MNIST's names, a system
-# folder of the one must never stand in for the other.
-SYSTEM_DIRS: dict[str, list[Path]] = {
-    "split_fmnist": [Path("/usr/share/datasets/fashion-mnist")],  # Debian: apt-get install dataset-fashion-mnist
-    "split_mnist": [],
-}
 
 
 def cache_dir() -> Path:
@@ -175,7 +174,7 @@ def idx_search_dirs(spec: IdxDataset, params: dict, ctx: ReaderContext) -> list[
     if root:
         root = Path(root).expanduser()
         dirs += [root, *(root / sub for sub in spec.subdirs)]
-    dirs += SYSTEM_DIRS[spec.reader]
+    dirs += spec.system_dirs
     dirs.append(cache_dir() / spec.torchvision / "raw")  # where an earlier download landed
     return dirs
 
@@ -190,7 +189,8 @@ def find_idx_files(spec: IdxDataset, params: dict, ctx: ReaderContext) -> dict[s
            f"({', '.join(IDX_FILES.values())}, optionally .gz).")
     if offline():
         raise DataNotFoundError(
-            f"{spec.title} not found in {', '.join(map(str, searched))}; not downloading (HF_HUB_OFFLINE/MMCL_OFFLINE=1). {how}"
+            f"{spec.title} not found in {', '.join(map(str, searched))}; not downloading "
+            f"(HF_HUB_OFFLINE/MMCL_OFFLINE=1). {how}"
         )
     try:
         import torchvision
