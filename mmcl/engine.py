@@ -101,6 +101,13 @@ class Engine:
         self.eval_counts[(task.id, split)] = score.examples
         return score.acc, score.macro_f1, score.til_acc
 
+    def selection_score(self, task: Task) -> float:
+        """--select_best's score after an epoch: accuracy over the valid examples of the approach's
+        `selection_tasks` (the task being trained; joint: every task so far, pooled)."""
+        scores = [(self.evaluate_task(t, "valid")[0], self.eval_counts[(t.id, "valid")])
+                  for t in self.approach.selection_tasks(task)]
+        return sum(a * n for a, n in scores) / max(1, sum(n for _, n in scores))
+
     def evaluate_all(self) -> tuple[list[float], list[float], list[float] | None]:
         rows = [self.evaluate_task(task, self.cfg.eval_split) for task in self.seq]  # valid: for choosing settings
         self.matrix.examples = np.array([self.eval_counts[(t.id, self.cfg.eval_split)] for t in self.seq], float)
@@ -113,6 +120,9 @@ class Engine:
 
         cfg, acc, approach = self.cfg, self.accelerator, self.approach
         set_seed(cfg.seed + task.id)
+        if not approach.trains_task(task):  # e.g. joint trained once, at the last task
+            self.log({"event": "task_not_trained", "task": task.id})
+            return
         approach.before_task(task)
         loader = self.loader(approach.train_dataset(task), cfg.train_batch_size, shuffle=True, seed=cfg.seed + task.id)
         optimizer = make_optimizer(approach.cfg, approach.parameter_groups())  # a fresh one per task
@@ -144,7 +154,7 @@ class Engine:
             if step_once.skipped:
                 record["skipped_steps"] = step_once.skipped  # fp16 grad-scaler overflows, not errors
             if best is not None:  # --select_best, PyContinual's: keep the epoch best on the valid split
-                record["valid_acc"] = best.offer(self.evaluate_task(task, "valid")[0])
+                record["valid_acc"] = best.offer(self.selection_score(task))
             self.log(record)
         bar.close()
         if best is not None:

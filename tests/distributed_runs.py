@@ -52,8 +52,10 @@ TEXT = dict(task="vader4", max_train_per_task=64, backbone="bert_adapter", bert_
 TEXT_ONLY = ("hat", "ctr")
 # These runs check that k processes equal one, on a model that learns both tasks at this tiny scale. CTR's
 # paper default (the KSM at the full rate, randomly initialised up-projection) stays at chance on task 1 here
-# (253 / 500 at lr 5e-3), so CTR runs with the ctr_cpu preset's two values.
-OVERRIDES = {"ctr": dict(ctr_ksm_lr_scale=0.1, ctr_zero_up=True)}
+# (253 / 500 at lr 5e-3), so CTR runs with the ctr_cpu preset's values; HAT with hat_exact's (binary gates,
+# frozen LayerNorms), the settings the tolerances in test_distributed.py were measured with.
+EXACT = dict(hat_binarize=True, hat_train_layernorm=False)
+OVERRIDES = {"hat": EXACT, "ctr": dict(ctr_ksm_lr_scale=0.1, ctr_zero_up=True, **EXACT)}
 EARLY_STEPS = 4  # a snapshot this many steps into each task: before rounding noise has had time to grow
 
 

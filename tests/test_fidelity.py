@@ -185,3 +185,121 @@ def test_run_writes_weighted_accuracy_from_the_evaluated_examples(tmp_path):
     # each accuracy is a whole number of examples: the weighted figure is their total over 44
     right = [round(a * k / 100) for a, k in zip(matrix.acc[1], [32, 12])]
     assert doc["summary"]["acc_final_weighted"] == pytest.approx(100 * sum(right) / 44, abs=1e-9)
+
+
+# -- the reference's settings behind flags (docs/fidelity.md) -----------------------------------------
+
+def test_lwf_warmup_trains_the_new_head_alone(tmp_path):
+    cfg = tiny_config(tmp_path, baseline="lwf", num_train_epochs=1, lwf_warmup_epochs=1, save_checkpoints=False)
+    engine = Engine(cfg, sequence=synthetic_image_sequence(num_tasks=2))
+    engine.setup()
+    model = engine.approach.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for task in engine.seq:
+        engine.train_task(task)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    heads = {u: {n for n in before if n.startswith(f"heads.heads.{u}.")} for u in (0, 1)}
+    assert heads[0] and heads[1] and heads[0] <= changed and heads[1] <= changed
+    assert changed == heads[0] | heads[1], "the warm-up moved shared weights"
+    with pytest.raises(ValueError, match="--lwf_warmup_epochs"):
+        Engine(tiny_config(tmp_path, baseline="lwf", lwf_warmup_epochs=-1), sequence=synthetic_image_sequence()).setup()
+
+
+def test_ewc_fisher_batch_is_pycontinuals_fixed_batch(tmp_path):
+    from mmcl.approaches.base import trainable_named_parameters
+
+    seq = synthetic_image_sequence(num_tasks=1, n_train=12)
+    engine = Engine(tiny_config(tmp_path, baseline="ewc", save_checkpoints=False), sequence=seq)
+    engine.setup()
+    ewc, task = engine.approach, engine.seq[0]
+    params = trainable_named_parameters(ewc.model)
+
+    def mean_gradient(rows):
+        ewc.model.zero_grad(set_to_none=True)
+        ewc.model.loss(ewc.batch_from_rows(rows)).backward()
+        return {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+
+    rows = [task.train[i] for i in range(12)]
+    for n_batch, expected in (
+        (12, {n: g ** 2 for n, g in mean_gradient(rows).items()}),  # one batch: the squared mean gradient
+        (1, None),  # batches of one: the mean of the squared per-example gradients
+        (5, None),  # 5 + 5 + 2, each weighted 5, divided by 12 (PyContinual's sbatch)
+    ):
+        if expected is None:
+            chunks = [rows[i:i + n_batch] for i in range(0, 12, n_batch)]
+            grads = [mean_gradient(c) for c in chunks]
+            expected = {n: sum(g[n] ** 2 for g in grads) * n_batch / 12 for n in params}
+        ewc.opts.ewc_fisher_batch = n_batch
+        got = ewc.fisher_diagonal(*ewc.fisher_batches(task, None))
+        for n in params:
+            torch.testing.assert_close(got[n], expected[n], rtol=1e-4, atol=1e-10)
+    assert any(float(f.abs().sum()) > 0 for f in got.values())
+
+
+def _text_engine(tmp_path, **overrides):
+    values = dict(task="toytext", backbone="bert_adapter", bert_adapter_size=8, max_seq_length=32,
+                  learning_rate=1e-3, output_dir=str(tmp_path / "runs"), progress=False, save_checkpoints=False)
+    engine = Engine(tiny_config(tmp_path, **{**values, **overrides}), sequence=toy_text_sequence())
+    engine.setup()
+    return engine
+
+
+def test_hat_default_is_the_papers_soft_masks_and_trained_layernorms(tmp_path):
+    def trainable_norms(engine):
+        return {n for n, p in engine.approach.named_parameters() if "LayerNorm" in n and p.requires_grad}
+
+    engine = _text_engine(tmp_path / "a", baseline="hat")
+    assert not engine.approach.opts.hat_binarize
+    norms = trainable_norms(engine)
+    encoder_norms = [n for n, _ in engine.approach.model.backbone.encoder.named_parameters()
+                     if "LayerNorm" in n and "embeddings" not in n]
+    assert len(norms) == len(encoder_norms) > 0  # every encoder LayerNorm (the embeddings' stays frozen)
+    before = {n: p.detach().clone() for n, p in engine.approach.named_parameters() if n in norms}
+    engine.train_task(engine.seq[0])
+    assert any(not torch.equal(p, before[n]) for n, p in engine.approach.named_parameters() if n in norms)
+    m = engine.approach.hat.cumulative
+    assert any(bool(((m[k] > 0) & (m[k] < 1)).any()) for k in m.keys()), "soft masks: some gate strictly between"
+    exact = _text_engine(tmp_path / "b", baseline="hat", **load_preset("hat_exact", "hat"))
+    assert exact.approach.opts.hat_binarize and not trainable_norms(exact)
+    ctr = _text_engine(tmp_path / "c", baseline="ctr", **load_preset("ctr_cpu", "ctr"))
+    assert ctr.approach.opts.hat_binarize and not trainable_norms(ctr)
+
+
+def test_bert_adapter_form_pycontinual(tmp_path):
+    from mmcl.backbones.text import Adapter, PyContinualAdapter
+
+    default = _text_engine(tmp_path / "a").approach.model.backbone
+    assert all(isinstance(s.plugin, Adapter) for s in default.sites)
+    h = torch.randn(2, 3, default.feature_dim)
+    torch.testing.assert_close(default.sites[0].plugin(h), h)  # Houlsby's: the identity at the start
+    backbone = _text_engine(tmp_path / "b", bert_adapter_form="pycontinual").approach.model.backbone
+    plugin = backbone.sites[0].plugin
+    assert all(isinstance(s.plugin, PyContinualAdapter) for s in backbone.sites)
+    expected = h + torch.relu(plugin.fc2(torch.relu(plugin.fc1(h))))
+    torch.testing.assert_close(plugin(h), expected)
+    assert not torch.allclose(plugin(h), h)
+    with pytest.raises(ValueError, match="--bert_adapter_form"):
+        _text_engine(tmp_path / "c", bert_adapter_form="lora")
+
+
+def test_joint_last_task_schedule_trains_once_from_the_initial_model(tmp_path):
+    cfg = tiny_config(tmp_path, baseline="joint", joint_schedule="last_task", num_train_epochs=1)
+    engine = Engine(cfg, sequence=synthetic_image_sequence(num_tasks=3))
+    matrix = engine.run()
+    events = [json.loads(line) for line in (engine.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [e["task"] for e in events if e.get("event") == "task_not_trained"] == [0, 1]
+    assert [e["task"] for e in events if e.get("event") == "epoch"] == [2]
+    # the first two rows are the untrained model's: the same as before any training
+    np.testing.assert_array_equal(matrix.acc[0], matrix.baseline)
+    np.testing.assert_array_equal(matrix.acc[1], matrix.baseline)
+    assert np.mean(matrix.acc[2]) > np.mean(matrix.baseline)
+
+
+def test_select_best_scores_the_pooled_valid_splits_of_joint(tmp_path):
+    seq = synthetic_image_sequence(num_tasks=2)
+    for baseline, tasks in (("finetune", [1]), ("joint", [0, 1])):
+        engine = Engine(tiny_config(tmp_path / baseline, baseline=baseline), sequence=seq)
+        engine.setup()
+        scores = [(engine.evaluate_task(engine.seq[t], "valid")[0], len(engine.seq[t].valid)) for t in tasks]
+        expected = sum(a * n for a, n in scores) / sum(n for _, n in scores)
+        assert engine.selection_score(engine.seq[1]) == pytest.approx(expected, abs=1e-9)

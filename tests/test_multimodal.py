@@ -116,7 +116,9 @@ def test_approaches_run_a_mixed_sequence(tmp_path, baseline, scenario):
 
 
 def test_hat_masks_the_text_tower_and_text_tasks_keep_their_outputs(tmp_path):
-    engine = dual_engine(tmp_path, "hat", smax=50, learning_rate=5e-3, num_train_epochs=2)
+    # the preset hat_exact's settings: binary gates and frozen LayerNorms keep outputs bit for bit
+    engine = dual_engine(tmp_path, "hat", smax=50, learning_rate=5e-3, num_train_epochs=2, hat_binarize=True,
+                         hat_train_layernorm=False)
     hat = engine.approach
     backbone = hat.model.backbone
     assert not any(p.requires_grad for p in backbone.proj["text"].parameters())

@@ -153,6 +153,14 @@ class Approach(nn.Module):
         """What the engine iterates over while learning `task` (joint widens it)."""
         return task.train
 
+    def trains_task(self, task: Task) -> bool:
+        """Whether the engine trains `task` at all (joint's `last_task` schedule trains only the last)."""
+        return True
+
+    def selection_tasks(self, task: Task) -> list[Task]:
+        """The tasks whose valid splits --select_best scores after each epoch of `task`."""
+        return [task]
+
     def before_task(self, task: Task) -> None:
         self.current_task = task
         heads = getattr(self.model, "heads", None)

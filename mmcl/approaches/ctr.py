@@ -27,8 +27,9 @@ each forward. Training: CE + HAT regulariser over the TSM gates, HAT gradient bl
 compensation and clamping exactly as in hat.py (`CTR` subclasses `Hat`). As in PyContinual, the
 KSM is shared knowledge: the capsules and routing of tasks <= t, the similarity estimator, the
 router and the up-projection train with every task (the source of backward transfer), so
-earlier tasks' outputs may drift through the KSM; tasks > t get no gradient. BERT, LayerNorms
-included, is frozen.
+earlier tasks' outputs may drift through the KSM; tasks > t get no gradient. BERT is frozen but for
+its LayerNorms, which train unmasked as in PyContinual (HAT's options, hat.py: the preset `ctr_cpu`
+freezes them and binarises the gates, as `hat_exact` does for HAT).
 
 The defaults are PyContinual's: the KSM learns at the full learning rate and its up-projection has
 nn.Linear's initialisation. The preset `ctr_cpu` (configs/presets/ctr_cpu.yaml) is our tuning for
@@ -53,8 +54,7 @@ Differences from PyContinual (`BertAdapterCapsuleMaskImp`, transfer_route, large
 - At evaluation the router takes the argmax instead of sampling Gumbel noise, so predictions
   are deterministic.
 - Gradient gating of the task capsules (the original's `tsv` factors) is structural: tasks > t
-  are not in the graph. LayerNorms are frozen, s reaches smax at the last batch and gates are
-  binarised after each task, as in hat.py.
+  are not in the graph. s reaches smax at the last batch, as in hat.py.
 """
 from __future__ import annotations
 

@@ -25,19 +25,23 @@ consolidation (they forget as fine-tuning does), and the text projection and the
 are frozen at their initial weights, so the masked adapters stay the only trained path of the text
 tasks and text keeps HAT's guarantee while images are learned.
 
-What is frozen: the whole BERT, LayerNorms included (trainable LayerNorms would be shared by
-all tasks and let forgetting through), so only the masked adapters and the per-task heads train.
+What trains: the masked adapters, the per-task heads and, as in PyContinual, BERT's LayerNorms
+(unmasked, shared by all tasks); the rest of BERT is frozen.
 
-Differences from PyContinual (`bert_adapter_mask`), and why:
-- LayerNorms are frozen (PyContinual trains them with the adapters: a forgetting leak).
+The defaults are the paper's and PyContinual's (`bert_adapter_mask`). Our variant, the preset
+`hat_exact` (configs/presets/hat_exact.yaml, measured there and in docs/fidelity.md), makes the
+protection of earlier tasks exact:
+- `--no-hat_train_layernorm`: the LayerNorms are frozen (trained, they are an unmasked path by which a
+  new task changes an old task's outputs).
+- `--hat_binarize`: after a task, embedding entries with 0 < sigmoid(smax*e) < 1 are pushed to
+  +-120/smax so that task's gates are exactly 0 or 1. Adam normalises gradient scale, so a factor
+  1 - M with 0 < M < 1 hardly slows a weight that an earlier task partly uses; with binary masks the
+  blocked gradients are exactly zero and, with weight decay 0 and frozen LayerNorms, earlier tasks'
+  outputs are preserved bit for bit.
+
+Other differences from PyContinual, and why:
 - s reaches smax at the last batch of an epoch (PyContinual: s = 1/smax + (smax-1/smax)*b/B
   stops one step short).
-- `hat_binarize` (default on): after a task, embedding entries with 0 < sigmoid(smax*e) < 1
-  are pushed to +-120/smax so that task's gates are exactly 0 or 1. Adam normalises gradient
-  scale, so a factor 1 - M with 0 < M < 1 hardly slows a weight that an earlier task partly
-  uses; with binary masks the blocked gradients are exactly zero and, with weight decay 0,
-  earlier tasks' outputs are preserved bit for bit. `--no-hat_binarize` keeps PyContinual's
-  soft masks.
 - Weight decay must be 0: AdamW's decoupled decay would shrink weights whose gradients HAT zeroed.
 """
 from __future__ import annotations
@@ -241,9 +245,11 @@ class HatOptions(Options):
     thres_cosh: float = option(50.0, "clamp of s*e in the gradient compensation's cosh")
     thres_emb: float = option(6.0, "the task embeddings are clamped to +-thres_emb after each step")
     hat_c: float = option(0.75, "weight c of the mask-sparsity regulariser")
-    hat_binarize: bool = option(True, "snap a finished task's gates to exactly 0/1 at smax (False: PyContinual's "
-                                      "soft masks)")
+    hat_binarize: bool = option(False, "snap a finished task's gates to exactly 0/1 at smax (default: the "
+                                       "paper's soft masks; preset hat_exact: on)")
     use_gelu: bool = option(False, "GELU in the masked adapters (PyContinual's default: ReLU)")
+    hat_train_layernorm: bool = option(True, "train BERT's LayerNorms with the plug-ins, unmasked and shared by "
+                                             "all tasks, as PyContinual (preset hat_exact: frozen)")
 
     def validate(self) -> None:
         positive(self, "smax", "thres_cosh", "thres_emb")
@@ -299,7 +305,8 @@ class Hat(Approach):
         self.adapter_size = encoder.adapter_size
         self.ctx = self.make_context()
         encoder.set_plugins(self.make_plugin)
-        freeze_layernorms(encoder.encoder)
+        if not self.opts.hat_train_layernorm:
+            freeze_layernorms(encoder.encoder)
         if encoder is not backbone:
             # unmasked layers every text task passes through would let text forgetting through
             backbone.proj["text"].requires_grad_(False)

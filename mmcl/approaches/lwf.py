@@ -9,6 +9,11 @@ targets), summed over the old tasks' heads, weighted by lambda = 1, with no T^2 
 `--lwf_distill kl_mean_t2` is the form mmcl used before: KL at T scaled by T^2 (Hinton's knowledge
 distillation), averaged over the old heads; it weighs the distillation T^2 = 4 times more at the
 default T, and with k old heads k times less against the sum.
+
+Warm-up (`--lwf_warmup_epochs N`, the paper's, off by default as in mmcl before): the first N of a task's
+epochs train the new task's head alone, the shared weights (and old heads) frozen; the remaining epochs
+train everything with the distillation. On a shared head (DIL, CIL) the whole head trains in the
+warm-up: the new classes' rows cannot be separated from the old ones' there.
 """
 from __future__ import annotations
 
@@ -46,11 +51,15 @@ class LwFOptions(Options):
     lwf_lambda: float = option(1.0, "weight of the distillation loss (Li & Hoiem: 1)")
     lwf_distill: str = option("ce_sum", "ce_sum: the paper's cross-entropy at T, summed over old heads | "
                                         "kl_mean_t2: KL x T^2 averaged over old heads (mmcl's earlier form)")
+    lwf_warmup_epochs: int = option(0, "the paper's warm-up: the first N epochs of each task train only the new "
+                                       "head (0: none)")
 
     def validate(self) -> None:
         positive(self, "temperature")
         if self.lwf_distill not in DISTILL_FORMS:
             raise ValueError(f"--lwf_distill must be one of {', '.join(DISTILL_FORMS)}, got '{self.lwf_distill}'")
+        if self.lwf_warmup_epochs < 0:
+            raise ValueError(f"--lwf_warmup_epochs must be >= 0, got {self.lwf_warmup_epochs}")
         if self.lwf_lambda < 0:
             raise ValueError(f"--lwf_lambda must be >= 0, got {self.lwf_lambda}")
 
@@ -90,7 +99,15 @@ class LwF(Approach):
             old_logits = heads_old.heads[0](old_features)[:, :k]
         return distillation(new_logits, old_logits, o.temperature, o.lwf_distill)
 
+    def warming_up(self) -> bool:
+        return self.progress.epoch < self.opts.lwf_warmup_epochs
+
     def training_step(self, batch: dict, task: Task) -> torch.Tensor:
+        if self.warming_up():
+            # the new head alone: no gradient reaches the shared weights, and the old heads are not in the loss
+            with torch.no_grad():
+                features = self.model.features(batch)
+            return self.model.loss(batch, features)
         features = self.model.features(batch)
         loss = self.model.loss(batch, features)
         if self.old_model is not None:

@@ -112,6 +112,25 @@ class Adapter(nn.Module):
         return h + self.up(self.act(self.down(h)))
 
 
+class PyContinualAdapter(nn.Module):
+    """PyContinual's `BertAdapter`: h + relu(fc2(relu(fc1(h)))), `nn.Linear`'s default initialisation.
+
+    Unlike Houlsby's it does not start as the identity: the frozen model's features are perturbed from
+    the first step (`--bert_adapter_form pycontinual`)."""
+
+    def __init__(self, hidden: int, size: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, size)
+        self.fc2 = nn.Linear(size, hidden)
+        self.act = nn.ReLU()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.act(self.fc2(self.act(self.fc1(h))))
+
+
+ADAPTER_FORMS = {"houlsby": Adapter, "pycontinual": PyContinualAdapter}
+
+
 class AdapterSite(nn.Module):
     """A frozen dense layer followed by a swappable plug-in (an `Adapter` by default).
 
@@ -132,14 +151,15 @@ class AdapterSite(nn.Module):
 
 class BertAdapterEncoder(BertEncoder):
     def __init__(self, model_name: str, max_length: int, adapter_size: int, pooling: str = "mean",
-                 dropout: float | None = None) -> None:
+                 dropout: float | None = None, form: str = "houlsby") -> None:
         super().__init__(model_name, max_length, pooling, trainable=False, dropout=dropout)
         hidden = self.feature_dim
         self.adapter_size = adapter_size
         self.sites: list[AdapterSite] = []
+        adapter = ADAPTER_FORMS[form]
         for i, layer in enumerate(self.encoder.encoder.layer):
             for parent, kind in ((layer.attention.output, "attention"), (layer.output, "ffn")):
-                site = AdapterSite(parent.dense, Adapter(hidden, adapter_size), i, kind)
+                site = AdapterSite(parent.dense, adapter(hidden, adapter_size), i, kind)
                 parent.dense = site
                 self.sites.append(site)
         # LayerNorms train with the adapters, as in Houlsby et al. and PyContinual's BERT-adapter
@@ -172,10 +192,16 @@ class BertOptions(Options):
 class BertAdapterOptions(BertOptions):
     title = "adapter options"
     bert_adapter_size: int = option(128, "bottleneck width of the adapters (PyContinual: 2000)")
+    bert_adapter_form: str = option("houlsby", "houlsby: x + up(gelu(down(x))), starting as the identity | "
+                                               "pycontinual: PyContinual's x + relu(fc2(relu(fc1(x)))), default "
+                                               "initialisation (HAT and CTR replace the adapters by their own)")
 
     def validate(self) -> None:
         super().validate()
         positive(self, "bert_adapter_size")
+        if self.bert_adapter_form not in ADAPTER_FORMS:
+            raise ValueError(f"--bert_adapter_form must be one of {', '.join(ADAPTER_FORMS)}, "
+                             f"got '{self.bert_adapter_form}'")
 
 
 @dataclass
@@ -212,7 +238,8 @@ def bert_frozen(cfg, spec: BackboneSpec) -> BertEncoder:
 def bert_adapter(cfg, spec: BackboneSpec) -> BertAdapterEncoder:
     _text_backbone_check(cfg, spec)
     o = BertAdapterOptions.from_values(cfg.options)
-    return BertAdapterEncoder(o.bert_model, o.max_seq_length, o.bert_adapter_size, o.pooling, o.bert_dropout)
+    return BertAdapterEncoder(o.bert_model, o.max_seq_length, o.bert_adapter_size, o.pooling, o.bert_dropout,
+                              o.bert_adapter_form)
 
 
 @BACKBONES.register("bert_lora", options=BertLoraOptions)
