@@ -17,7 +17,7 @@ from mmcl.data.sequence import SCENARIOS, Scenario, Task, TaskSequence, get_scen
 from mmcl.registry import Registry, UnknownNameError
 
 READERS: Registry = Registry("reader")
-for _family in ("vader", "pycontinual", "nli"):  # one module per dataset family
+for _family in ("vader", "pycontinual", "nli", "trec"):  # one module per dataset family
     READERS.add_loader(lambda m=_family: __import__(f"mmcl.data.{m}"))
 READERS.add_loader(lambda: __import__("mmcl.data.vision"))
 READERS.add_loader(lambda: __import__("mmcl.data.mixed"))

@@ -58,6 +58,16 @@ def take_first_tasks(names: list[T], ntasks: int | None, source: str) -> list[T]
     return names[:ntasks]
 
 
+def split_classes(num_classes: int, classes_per_task: int, class_order: Sequence[int] | None) -> list[list[int]]:
+    """Class ids of each task: consecutive chunks of `class_order` (default 0..num_classes-1)."""
+    order = list(range(num_classes)) if class_order is None else [int(c) for c in class_order]
+    if sorted(order) != list(range(num_classes)):
+        raise ValueError(f"class_order must be a permutation of 0..{num_classes - 1}, got {order}")
+    if classes_per_task < 1 or num_classes % classes_per_task:
+        raise ValueError(f"classes_per_task {classes_per_task} must divide the {num_classes} classes")
+    return [order[i : i + classes_per_task] for i in range(0, num_classes, classes_per_task)]
+
+
 def read_order_file(path: str | Path, idrandom: int, ntasks: int | None) -> list[str]:
     """Task names on line `idrandom` (0-based) of a PyContinual order file, first `ntasks` of them.
 

@@ -18,7 +18,7 @@ import numpy as np
 from mmcl.data import READERS, DataFormatError, DataNotFoundError, ReaderContext
 from mmcl.data.files import GZIP_MAGIC, gunzip, read_bytes, read_text_file
 from mmcl.data.sequence import Task, TaskSequence, check_labels
-from mmcl.data.common import seeded_rng, seeded_subset, take_first_tasks, train_cap
+from mmcl.data.common import seeded_rng, seeded_subset, split_classes, take_first_tasks, train_cap
 
 if TYPE_CHECKING:
     import datasets
@@ -38,16 +38,6 @@ def image_dataset(images: np.ndarray, labels: np.ndarray) -> "datasets.Dataset":
         raise ValueError(f"images must be (N, H, W) or (N, H, W, C), got shape {images.shape}")
     features = datasets.Features({"image": image_feature, "label": datasets.Value("int64")})
     return datasets.Dataset.from_dict({"image": images, "label": np.asarray(labels, dtype=np.int64)}, features=features)
-
-
-def split_classes(num_classes: int, classes_per_task: int, class_order: Sequence[int] | None) -> list[list[int]]:
-    """Class ids of each task: consecutive chunks of `class_order` (default 0..num_classes-1)."""
-    order = list(range(num_classes)) if class_order is None else [int(c) for c in class_order]
-    if sorted(order) != list(range(num_classes)):
-        raise ValueError(f"class_order must be a permutation of 0..{num_classes - 1}, got {order}")
-    if classes_per_task < 1 or num_classes % classes_per_task:
-        raise ValueError(f"classes_per_task {classes_per_task} must divide the {num_classes} classes")
-    return [order[i : i + classes_per_task] for i in range(0, num_classes, classes_per_task)]
 
 
 def _class_task(
