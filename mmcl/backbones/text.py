@@ -72,11 +72,13 @@ class BertEncoder(Backbone):
 
     def preprocess(self, dataset):
         pair = "text_pair" in dataset.column_names
+        # the function must not close over `self`: `datasets` fingerprints it by pickling what it captures,
+        # and pickling the backbone (every weight of the encoder) cost about 2 s per split
+        tokenizer, max_length = self.tokenizer, self.max_length
 
         def tokenize(batch):
-            return self.tokenizer(
-                batch["text"], batch["text_pair"] if pair else None, truncation=True, max_length=self.max_length
-            )
+            return tokenizer(batch["text"], batch["text_pair"] if pair else None, truncation=True,
+                             max_length=max_length)
 
         keep = {"label"}
         drop = [c for c in dataset.column_names if c not in keep]
