@@ -265,7 +265,8 @@ def test_hat_default_is_the_papers_soft_masks_and_trained_layernorms(tmp_path):
 def test_bert_adapter_form_pycontinual():
     from mmcl.backbones import build_backbone
     from mmcl.backbones.base import BackboneSpec
-    from mmcl.backbones.text import Adapter, BertAdapterOptions, PyContinualAdapter
+    from mmcl.backbones.adapters import Adapter, PyContinualAdapter
+    from mmcl.backbones.text import BertAdapterOptions
 
     spec = BackboneSpec(modalities=("text",))
     default = build_backbone(build_config({"task": "vader4", "baseline": "finetune", "bert_adapter_size": 8}), spec)

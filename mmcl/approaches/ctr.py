@@ -68,7 +68,7 @@ from torch import nn
 from mmcl.approaches import APPROACHES
 from mmcl.approaches.base import with_own_lr
 from mmcl.approaches.hat import Hat, HatAdapter, HatContext, HatOptions
-from mmcl.backbones.text import AdapterSite
+from mmcl.backbones.adapters import AdapterSite
 from mmcl.options import option, positive
 
 
@@ -260,6 +260,11 @@ class CTR(Hat):
     name = "ctr"
     Options = CtrOptions
     masks_dual_text_tower = False  # its routing reads text attention masks: text backbones only
+    # The similarity estimator convolves over each example's real tokens (the text attention mask) with
+    # kernels of 3-5 tokens: on image patches the routing would run, but on a patch sequence in raster
+    # order whose neighbours are not a sentence's; not tried, so CTR stays a text method
+    modalities = ("text",)
+    adapter_backbones = ("bert_adapter",)
 
     def build_model(self, backbone) -> nn.Module:
         tokenizer = getattr(backbone, "tokenizer", None)

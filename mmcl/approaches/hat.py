@@ -1,8 +1,8 @@
-"""HAT, hard attention to the task (Serra et al. 2018), on the adapter sites of `bert_adapter`.
+"""HAT, hard attention to the task (Serra et al. 2018), on the adapter sites of `bert_adapter` or `vit_adapter`.
 
 Data flow. Every adapter site of the frozen BERT (after the attention-output and the
-FFN-output dense layers, before the residual LayerNorm) gets a `HatAdapter`, PyContinual's
-masked adapter:
+FFN-output dense layers, before the residual LayerNorm; on `vit_adapter` after each timm block's
+attention projection and MLP) gets a `HatAdapter`, PyContinual's masked adapter:
 
     h = act(fc1(x)) * g1,   h = act(fc2(h)) * g2,   out = x + h,   g = sigmoid(s * e_t)
 
@@ -53,7 +53,7 @@ from torch import nn
 
 from mmcl.approaches import APPROACHES
 from mmcl.approaches.base import Approach, BufferDict, Progress
-from mmcl.backbones.text import AdapterSite, BertAdapterEncoder
+from mmcl.backbones.adapters import AdapterSite, AdapterSites
 from mmcl.data.sequence import Task
 from mmcl.options import Options, option, positive
 
@@ -232,12 +232,6 @@ class HatMasks(nn.Module):
             self.cumulative[name] = torch.maximum(self.cumulative[name], gate.mask(task, self.smax))
 
 
-def freeze_layernorms(backbone: nn.Module) -> None:
-    for name, p in backbone.named_parameters():
-        if "LayerNorm" in name:
-            p.requires_grad_(False)
-
-
 @dataclass
 class HatOptions(Options):
     title = "HAT options"
@@ -259,23 +253,16 @@ class HatOptions(Options):
 
 @APPROACHES.register("hat")
 class Hat(Approach):
-    """HAT-masked adapters at every adapter site of `bert_adapter`; TIL with per-task heads."""
+    """HAT-masked adapters at every adapter site of `bert_adapter` or `vit_adapter`; TIL with per-task heads."""
 
     name = "hat"
     Options = HatOptions
     scenarios = ("til",)
     needs_task_id = True
-    modalities = ("text",)
+    modalities = ("text", "image")  # whatever the adapter backbone encodes: bert_adapter text, vit_adapter images
 
     masks_dual_text_tower: bool = True  # on `--backbone dual`: mask the text tower, train images unmasked
-
-    @classmethod
-    def modalities_for(cls, cfg) -> tuple[str, ...]:
-        from mmcl.backbones import BACKBONES
-
-        if cls.masks_dual_text_tower and cfg.backbone in BACKBONES and BACKBONES.canonical(cfg.backbone) == "dual":
-            return ("text", "image")
-        return cls.modalities
+    adapter_backbones: tuple[str, ...] = ("bert_adapter", "vit_adapter")  # named in the error message
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         if cfg.weight_decay:
@@ -295,9 +282,10 @@ class Hat(Approach):
         encoder = backbone
         if isinstance(backbone, DualBackbone) and self.masks_dual_text_tower and "text" in backbone.towers:
             encoder = backbone.towers["text"]
-        if not isinstance(encoder, BertAdapterEncoder):
+        if not isinstance(encoder, AdapterSites) or encoder.modality not in self.modalities:
             raise ValueError(
-                f"--baseline {self.name} puts its plug-ins on the adapter sites of --backbone bert_adapter"
+                f"--baseline {self.name} puts its plug-ins on the adapter sites of --backbone "
+                f"{' or '.join(self.adapter_backbones)}"
                 f"{' (or --backbone dual --text_backbone bert_adapter)' if self.masks_dual_text_tower else ''}; "
                 f"got --backbone {self.cfg.backbone}"
                 + (f" with a {type(encoder).__name__} text tower" if isinstance(backbone, DualBackbone) else "")
@@ -306,12 +294,13 @@ class Hat(Approach):
         self.ctx = self.make_context()
         encoder.set_plugins(self.make_plugin)
         if not self.opts.hat_train_layernorm:
-            freeze_layernorms(encoder.encoder)
+            for p in encoder.layer_norm_parameters():
+                p.requires_grad_(False)
         if encoder is not backbone:
             # unmasked layers every text task passes through would let text forgetting through
             backbone.proj["text"].requires_grad_(False)
             backbone.shared.requires_grad_(False)
-        self.masked_modalities = ("text",)
+        self.masked_modalities = (encoder.modality,)
         return super().build_model(backbone)
 
     def masked(self, task: Task | None) -> bool:

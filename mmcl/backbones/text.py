@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mmcl.backbones import BACKBONES
+from mmcl.backbones.adapters import ADAPTER_FORMS, AdapterSite, AdapterSites
 from mmcl.backbones.base import Backbone, BackboneSpec
 from mmcl.options import Options, option, positive
 
@@ -97,61 +98,7 @@ class BertEncoder(Backbone):
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
-class Adapter(nn.Module):
-    """Bottleneck adapter (Houlsby et al. 2019): h + up(act(down(h))), starting as the identity."""
-
-    def __init__(self, hidden: int, size: int) -> None:
-        super().__init__()
-        self.down = nn.Linear(hidden, size)
-        self.up = nn.Linear(size, hidden)
-        self.act = nn.GELU()
-        nn.init.normal_(self.down.weight, std=1e-2)
-        nn.init.zeros_(self.down.bias)
-        nn.init.zeros_(self.up.weight)  # identity at start: the frozen model's features are kept
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(self.act(self.down(h)))
-
-
-class PyContinualAdapter(nn.Module):
-    """PyContinual's `BertAdapter`: h + relu(fc2(relu(fc1(h)))), `nn.Linear`'s default initialisation.
-
-    Unlike Houlsby's it does not start as the identity: the frozen model's features are perturbed from
-    the first step (`--bert_adapter_form pycontinual`)."""
-
-    def __init__(self, hidden: int, size: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(hidden, size)
-        self.fc2 = nn.Linear(size, hidden)
-        self.act = nn.ReLU()
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.act(self.fc2(self.act(self.fc1(h))))
-
-
-ADAPTER_FORMS = {"houlsby": Adapter, "pycontinual": PyContinualAdapter}
-
-
-class AdapterSite(nn.Module):
-    """A frozen dense layer followed by a swappable plug-in (an `Adapter` by default).
-
-    Sits in place of BERT's attention-output and FFN-output dense layers, i.e. before the
-    residual LayerNorm, which is where PyContinual puts adapters and CTR/HAT put their plug-ins.
-    """
-
-    def __init__(self, dense: nn.Linear, plugin: nn.Module, layer: int, kind: str) -> None:
-        super().__init__()
-        self.dense = dense
-        self.plugin = plugin
-        self.layer = layer
-        self.kind = kind  # "attention" or "ffn"
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.plugin(self.dense(hidden))
-
-
-class BertAdapterEncoder(BertEncoder):
+class BertAdapterEncoder(AdapterSites, BertEncoder):
     def __init__(self, model_name: str, max_length: int, adapter_size: int, pooling: str = "mean",
                  dropout: float | None = None, form: str = "houlsby") -> None:
         super().__init__(model_name, max_length, pooling, trainable=False, dropout=dropout)
@@ -169,10 +116,8 @@ class BertAdapterEncoder(BertEncoder):
             if "LayerNorm" in name and "embeddings" not in name:
                 p.requires_grad_(True)
 
-    def set_plugins(self, factory) -> None:
-        """Replace every site's plug-in by `factory(site)` (used by HAT and CTR)."""
-        for site in self.sites:
-            site.plugin = factory(site)
+    def layer_norm_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.encoder.named_parameters() if "LayerNorm" in n and "embeddings" not in n]
 
 
 @dataclass

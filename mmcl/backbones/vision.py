@@ -1,4 +1,4 @@
-"""timm vision transformers sized for small (8-32 px) images: `vit` and `convit`."""
+"""timm vision transformers sized for small (8-32 px) images: `vit`, `convit` and `vit_adapter`."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from mmcl.backbones import BACKBONES
+from mmcl.backbones.adapters import Adapter, AdapterSite, AdapterSites
 from mmcl.backbones.base import Backbone, BackboneSpec
 from mmcl.options import Options, option, positive
 
@@ -133,3 +134,45 @@ def convit(cfg, spec: BackboneSpec) -> TimmVisionBackbone:
         "convit_tiny", cfg, spec, embed_dim=o.vit_embed_dim // o.vit_heads, depth=o.vit_depth, num_heads=o.vit_heads,
         local_up_to_layer=max(1, o.vit_depth - 1),
     )
+
+
+class TimmAdapterBackbone(AdapterSites, TimmVisionBackbone):
+    """A frozen timm ViT with a bottleneck adapter after the attention projection and the MLP's second layer of
+    every block (the places `bert_adapter` has them in BERT), so HAT's masked adapters run on images.
+
+    What trains: the adapters and the LayerNorms (as in `bert_adapter`); the patch embedding, the positions,
+    the [CLS] token and every block's weights are frozen (loaded from `--pretrained` when given)."""
+
+    def __init__(self, model: torch.nn.Module, image_shape: tuple[int, ...], adapter_size: int) -> None:
+        super().__init__(model, image_shape)
+        model.requires_grad_(False)
+        self.adapter_size = adapter_size
+        self.sites = []
+        for i, block in enumerate(model.blocks):
+            for parent, name, kind in ((block.attn, "proj", "attention"), (block.mlp, "fc2", "ffn")):
+                dense = getattr(parent, name)
+                site = AdapterSite(dense, Adapter(dense.out_features, adapter_size), i, kind)
+                setattr(parent, name, site)
+                self.sites.append(site)
+        for p in self.layer_norm_parameters():
+            p.requires_grad_(True)
+
+    def layer_norm_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in self.model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()]
+
+
+@dataclass
+class VitAdapterOptions(VitOptions):
+    title = "ViT adapter options"
+    vit_adapter_size: int = option(64, "bottleneck width of the adapters")
+
+    def validate(self) -> None:
+        super().validate()
+        positive(self, "vit_adapter_size")
+
+
+@BACKBONES.register("vit_adapter", options=VitAdapterOptions)
+def vit_adapter(cfg, spec: BackboneSpec) -> TimmAdapterBackbone:
+    o = VitAdapterOptions.from_values(cfg.options)
+    plain = vit(cfg, spec)  # the same ViT `vit` builds, `--pretrained` weights loaded before the sites go in
+    return TimmAdapterBackbone(plain.model, spec.image_shape, o.vit_adapter_size)
