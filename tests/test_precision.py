@@ -27,7 +27,9 @@ def registered(kind: str) -> list[str]:
     out = []
     for name in APPROACHES.names():
         cls = APPROACHES.get(name)
-        k = ("online" if "online" in cls.scenarios else "text" if cls.modalities == ("text",)
+        # the adapter-site methods (HAT, CTR) run here on bert_adapter; HAT on vit_adapter is in test_hat_ctr.py
+        text = cls.modalities == ("text",) or bool(getattr(cls, "adapter_backbones", ()))
+        k = ("online" if "online" in cls.scenarios else "text" if text
              else "prompt" if issubclass(cls, PromptApproach) else "image")
         if k == kind:
             out.append(name)

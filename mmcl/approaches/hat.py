@@ -242,8 +242,8 @@ class HatOptions(Options):
     hat_binarize: bool = option(False, "snap a finished task's gates to exactly 0/1 at smax (default: the "
                                        "paper's soft masks; preset hat_exact: on)")
     use_gelu: bool = option(False, "GELU in the masked adapters (PyContinual's default: ReLU)")
-    hat_train_layernorm: bool = option(True, "train BERT's LayerNorms with the plug-ins, unmasked and shared by "
-                                             "all tasks, as PyContinual (preset hat_exact: frozen)")
+    hat_train_layernorm: bool = option(True, "train the encoder's LayerNorms with the plug-ins, unmasked and shared "
+                                             "by all tasks, as PyContinual (preset hat_exact: frozen)")
 
     def validate(self) -> None:
         positive(self, "smax", "thres_cosh", "thres_emb")
