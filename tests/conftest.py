@@ -68,6 +68,11 @@ def toy_text_sequence(n_train: int = 48, n_test: int = 24):
     return TaskSequence("toytext", tasks)
 
 
+def col(ds, name: str) -> list:
+    """A column as a plain list (datasets>=4 returns a lazy Column)."""
+    return list(ds[name])
+
+
 def tiny_config(tmp_path, **overrides):
     from mmcl.config import RunConfig
 

