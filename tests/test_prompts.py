@@ -1,4 +1,4 @@
-"""CODA-Prompt, L2P, DualPrompt on a frozen vit; the shared prompting forward; --freeze_backbone; ImageNet-R reader."""
+"""CODA-Prompt, L2P, DualPrompt on a frozen vit; the prompted token forward; --freeze_backbone; ImageNet-R."""
 import numpy as np
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import synthetic_image_sequence, tiny_config
 
-from mmcl.approaches.prompting import embed, mask_past_classes, orthogonal_rows, parse_layers, prompted_tokens, run_blocks
+from mmcl.approaches.prompting import mask_past_classes, orthogonal_rows, parse_layers
 from mmcl.engine import Engine
 from mmcl.rundir import RunDir
 
@@ -34,23 +34,27 @@ def backbone_state(approach):
 
 def test_prompt_free_path_is_timm_forward_and_prefixes_change_it(tmp_path):
     engine = make_engine(tmp_path, "l2p")
-    vit = engine.approach.vit.eval()
-    x = batch_of(engine, engine.seq[0])["pixel_values"]
-    assert torch.equal(run_blocks(vit, embed(vit, x)), vit.forward_features(x))
+    enc = engine.approach.model.backbone.eval()
+    vit = enc.model
+    batch = batch_of(engine, engine.seq[0])
+    x = batch["pixel_values"]
+    tokens, mask = enc.encode_tokens(batch)
+    assert mask is None and torch.equal(tokens, vit.forward_features(x))
+    assert torch.equal(enc.pool_tokens(tokens, mask), enc(batch))  # the query is the backbone's own forward
     D = vit.embed_dim
     pk, pv = torch.randn(8, 3, D, requires_grad=True), torch.randn(8, 3, D, requires_grad=True)
-    out = prompted_tokens(vit, x, {1: (pk, pv)})
+    out, _ = enc.encode_tokens(batch, {1: (pk, pv)})
     assert out.shape == vit.forward_features(x).shape and not torch.allclose(out, vit.forward_features(x))
     out.sum().backward()
     assert pk.grad.abs().sum() > 0 and pv.grad.abs().sum() > 0
     # a zero key and value still take softmax mass (score 0): the attention output shrinks, not unchanged
-    zero = prompted_tokens(vit, x, {1: (torch.zeros(8, 1, D), torch.zeros(8, 1, D))})
+    zero, _ = enc.encode_tokens(batch, {1: (torch.zeros(8, 1, D), torch.zeros(8, 1, D))})
     assert not torch.allclose(zero, vit.forward_features(x))
 
 
 def test_parse_layers_and_bad_layer_names_the_flag():
     assert parse_layers("0-2,4", 6, "coda_layers") == [0, 1, 2, 4]
-    with pytest.raises(ValueError, match="--coda_layers.*vit_depth"):
+    with pytest.raises(ValueError, match="--coda_layers.*4 layers"):
         parse_layers("0-4", 4, "coda_layers")
     with pytest.raises(ValueError, match="--l2p_x"):
         parse_layers("a", 4, "l2p_x")
@@ -79,18 +83,19 @@ def test_orthogonal_rows_are_orthonormal_and_orthogonal_to_earlier():
 def test_coda_new_slice_is_orthogonal_to_trained_earlier_slices(tmp_path):
     engine = make_engine(tmp_path, "coda_prompt", num_tasks=2)
     a = engine.approach
+    pool = a.pool
     a.before_task(engine.seq[0])
     with torch.no_grad():  # "training" moves the first slice away from its orthonormal start
-        for plist in (a.components, a.keys, a.attention):
+        for plist in (pool.components, pool.keys, pool.attention):
             plist[0].add_(0.3 * torch.randn_like(plist[0]))
     a.before_task(engine.seq[1])
-    for plist in (a.components, a.keys, a.attention):
-        for li in range(len(a.layers)):
+    for plist in (pool.components, pool.keys, pool.attention):
+        for li in range(len(pool.layers)):
             old = plist[0][li].reshape(a.slice_sizes[0], -1)
             new = plist[1][li].reshape(a.slice_sizes[1], -1)
             assert (new @ old.T).abs().max() < 1e-5
             assert torch.allclose(new @ new.T, torch.eye(len(new)), atol=1e-5)
-    assert [p.requires_grad for p in a.keys] == [False, True]
+    assert [p.requires_grad for p in pool.keys] == [False, True]
 
 
 def test_coda_alpha_shape_and_range(tmp_path):
@@ -100,13 +105,13 @@ def test_coda_alpha_shape_and_range(tmp_path):
     a.before_task(engine.seq[1])
     batch = batch_of(engine, engine.seq[1])
     q = a.query(batch)
-    comps, keys, att = a.pool_in_use(1)
+    comps, keys, att = a.pool_in_use(a.pool, 1)
     alpha = a.alpha(q, keys, att)
-    assert alpha.shape == (len(a.layers), 8, sum(a.slice_sizes[:2]))
+    assert alpha.shape == (len(a.pool.layers), 8, sum(a.slice_sizes[:2]))
     assert alpha.min() >= -1 - 1e-6 and alpha.max() <= 1 + 1e-6
     expected = F.cosine_similarity(q[3] * att[1, 2], keys[1, 2], dim=0)
     assert torch.allclose(alpha[1, 3, 2], expected, atol=1e-6)
-    assert comps.shape == (len(a.layers), sum(a.slice_sizes[:2]), 4, a.embed_dim)
+    assert comps.shape == (len(a.pool.layers), sum(a.slice_sizes[:2]), 4, a.encoders["image"].token_dim)
 
 
 @pytest.mark.parametrize("baseline,frozen", [("coda_prompt", ("components", "keys", "attention")),
@@ -115,12 +120,12 @@ def test_earlier_tasks_prompts_do_not_change_while_later_tasks_train(tmp_path, b
     engine = make_engine(tmp_path, baseline, num_tasks=2, weight_decay=0.1, learning_rate=1e-2)
     a = engine.approach
     engine.train_task(engine.seq[0])
-    before = {name: getattr(a, name)[0].detach().clone() for name in frozen}
-    current = {name: getattr(a, name)[1].detach().clone() for name in frozen}
+    before = {name: getattr(a.pool, name)[0].detach().clone() for name in frozen}
+    current = {name: getattr(a.pool, name)[1].detach().clone() for name in frozen}
     engine.train_task(engine.seq[1])
     for name in frozen:
-        assert torch.equal(getattr(a, name)[0], before[name]), name
-        assert not torch.equal(getattr(a, name)[1], current[name]), name
+        assert torch.equal(getattr(a.pool, name)[0], before[name]), name
+        assert not torch.equal(getattr(a.pool, name)[1], current[name]), name
 
 
 @pytest.mark.parametrize("baseline", ["coda_prompt", "l2p", "dualprompt"])
@@ -174,10 +179,10 @@ def test_l2p_selects_exactly_top_k_prompts_and_only_they_matter(tmp_path):
     a = engine.approach.eval()
     batch = batch_of(engine, engine.seq[0])
     q = a.query(batch)
-    idx, sim = a.select(q)
+    idx, sim = a.select(q, a.pool)
     k = a.cfg.l2p_top_k
     assert idx.shape == (8, k) and all(len(set(row.tolist())) == k for row in idx)
-    full = F.cosine_similarity(q[:, None], a.prompt_keys[None], dim=-1)
+    full = F.cosine_similarity(q[:, None], a.pool.prompt_keys[None], dim=-1)
     assert torch.allclose(sim, full.gather(1, idx))
     assert (full.topk(k).values[:, -1:] <= sim + 1e-7).all()
     assert (sim.min(1).values[:, None] >= full.masked_fill(torch.zeros_like(full, dtype=torch.bool).scatter(1, idx, True),
@@ -186,10 +191,10 @@ def test_l2p_selects_exactly_top_k_prompts_and_only_they_matter(tmp_path):
     unused = sorted(set(range(a.cfg.l2p_pool_size)) - set(idx.flatten().tolist()))
     if unused:
         with torch.no_grad():
-            a.prompts[unused].add_(5.0)
+            a.pool.prompts[unused].add_(5.0)
         assert torch.allclose(a.prompt_features(batch, q, None)[0], features)
     with torch.no_grad():
-        a.prompts[idx[0, 0]].add_(5.0)
+        a.pool.prompts[idx[0, 0]].add_(5.0)
     assert not torch.allclose(a.prompt_features(batch, q, None)[0][0], features[0])
 
 
@@ -207,12 +212,12 @@ def test_dualprompt_test_time_selection_takes_the_nearest_learned_key(tmp_path):
     q = a.query(batch)
     a.before_task(engine.seq[1])  # tasks 0 and 1 learned so far
     with torch.no_grad():
-        a.e_keys[0].copy_(-q[0])
-        a.e_keys[1].copy_(q[0])
-        a.e_keys[2].copy_(q[0] * 2)  # not learned yet: must never be chosen
-    chosen = a.select(q)
+        a.pool.e_keys[0].copy_(-q[0])
+        a.pool.e_keys[1].copy_(q[0])
+        a.pool.e_keys[2].copy_(q[0] * 2)  # not learned yet: must never be chosen
+    chosen = a.select(q, a.pool)
     assert chosen[0] == 1 and (chosen < 2).all()
-    with pytest.raises(ValueError, match="share blocks"):
+    with pytest.raises(ValueError, match="share layers"):
         make_engine(tmp_path, "dualprompt", dualprompt_e_layers="0-1")
 
 
@@ -229,9 +234,10 @@ def test_freeze_backbone_trains_only_the_head(tmp_path):
     assert not engine.approach.model.backbone.training
 
 
-def test_prompt_approaches_refuse_text_and_non_vit(tmp_path):
-    with pytest.raises(ValueError, match="VisionTransformer"):
-        make_engine(tmp_path, "coda_prompt", backbone="convit")
+def test_prompt_approaches_refuse_encoders_without_standard_attention(tmp_path):
+    for baseline in ("coda_prompt", "dualprompt"):
+        with pytest.raises(ValueError, match="--backbone: prompts go inside self-attention.*convit"):
+            make_engine(tmp_path, baseline, backbone="convit")
 
 
 # -- ImageNet-R reader ------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""DualPrompt (Wang et al., ECCV 2022): a general prompt for all tasks and per-task expert prompts, frozen ViT.
+"""DualPrompt (Wang et al., ECCV 2022): a general prompt for all tasks and per-task expert prompts.
+
+On any frozen transformer encoder of mmcl/backbones/tokens.py (a ViT, a BERT-family text encoder).
 
 G-prompt: one prefix (keys and values of --dualprompt_g_length tokens each, as in the
 reference PyTorch code) per block of --dualprompt_g_layers, shared and trained by every task.
@@ -17,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.approaches import APPROACHES
-from mmcl.approaches.prompting import PromptApproach, parse_layers, pooled, prompted_tokens
+from mmcl.approaches.prompting import PromptApproach, parse_layers
+from mmcl.backbones.tokens import TokenEncoder
 from mmcl.data.sequence import Task
 from mmcl.options import Options, option
 
@@ -42,46 +45,50 @@ class DualPrompt(PromptApproach):
     name = "dualprompt"
     Options = DualPromptOptions
 
-    def __init__(self, backbone, seq, scenario, cfg) -> None:
-        super().__init__(backbone, seq, scenario, cfg)
+    def make_pool(self, encoder: TokenEncoder) -> nn.Module:
         o = self.opts
-        self.g_layers = parse_layers(o.dualprompt_g_layers, self.depth, "dualprompt_g_layers")
-        self.e_layers = parse_layers(o.dualprompt_e_layers, self.depth, "dualprompt_e_layers")
-        both = set(self.g_layers) & set(self.e_layers)
+        p = nn.Module()
+        p.g_layers = parse_layers(o.dualprompt_g_layers, encoder.num_token_layers, "dualprompt_g_layers")
+        p.e_layers = parse_layers(o.dualprompt_e_layers, encoder.num_token_layers, "dualprompt_e_layers")
+        both = set(p.g_layers) & set(p.e_layers)
         if both:
-            raise ValueError(f"--dualprompt_g_layers and --dualprompt_e_layers share blocks {sorted(both)}")
-        D, T = self.embed_dim, len(seq)
-        gen = torch.Generator().manual_seed(cfg.seed)
+            raise ValueError(f"--dualprompt_g_layers and --dualprompt_e_layers share layers {sorted(both)}")
+        D, T = encoder.token_dim, len(self.seq)
+        gen = torch.Generator().manual_seed(self.cfg.seed)
         uniform = lambda *shape: nn.Parameter(torch.rand(*shape, generator=gen) * 2 - 1)  # noqa: E731
-        self.g_prompt = uniform(len(self.g_layers), 2, o.dualprompt_g_length, D)
-        self.e_prompts = nn.ParameterList(uniform(len(self.e_layers), 2, o.dualprompt_e_length, D) for _ in range(T))
-        self.e_keys = nn.ParameterList(uniform(D) for _ in range(T))
+        p.g_prompt = uniform(len(p.g_layers), 2, o.dualprompt_g_length, D)
+        p.e_prompts = nn.ParameterList(uniform(len(p.e_layers), 2, o.dualprompt_e_length, D) for _ in range(T))
+        p.e_keys = nn.ParameterList(uniform(D) for _ in range(T))
+        return p
 
     def before_task(self, task: Task) -> None:
         super().before_task(task)
-        for j in range(len(self.seq)):
-            self.e_prompts[j].requires_grad_(j == task.id)
-            self.e_keys[j].requires_grad_(j == task.id)
+        for pool in self.pools.values():
+            for j in range(len(self.seq)):
+                pool.e_prompts[j].requires_grad_(j == task.id)
+                pool.e_keys[j].requires_grad_(j == task.id)
 
-    def select(self, q: torch.Tensor) -> torch.Tensor:
+    def select(self, q: torch.Tensor, pool: nn.Module) -> torch.Tensor:
         """Index of the e-prompt per example: the closest key among the tasks learned so far."""
-        keys = torch.stack([self.e_keys[j] for j in range(max(1, int(self.num_learned)))])
+        keys = torch.stack([pool.e_keys[j] for j in range(max(1, int(self.num_learned)))])
         return F.cosine_similarity(q[:, None], keys[None], dim=-1).argmax(dim=-1)
 
     def prompt_features(self, batch, q, task):
+        pool = self.pools[self.modality(batch)]
         B = q.shape[0]
         if task is not None:
-            e = self.e_prompts[task.id].expand(B, *self.e_prompts[task.id].shape)
+            e = pool.e_prompts[task.id].expand(B, *pool.e_prompts[task.id].shape)
         else:
-            e = torch.stack(list(self.e_prompts))[self.select(q)]  # (B, n_e, 2, L_e, D)
+            e = torch.stack(list(pool.e_prompts))[self.select(q, pool)]  # (B, n_e, 2, L_e, D)
         prefixes = {}
-        for i, layer in enumerate(self.g_layers):
-            g = self.g_prompt[i].expand(B, *self.g_prompt[i].shape)
+        for i, layer in enumerate(pool.g_layers):
+            g = pool.g_prompt[i].expand(B, *pool.g_prompt[i].shape)
             prefixes[layer] = (g[:, 0], g[:, 1])
-        for i, layer in enumerate(self.e_layers):
+        for i, layer in enumerate(pool.e_layers):
             prefixes[layer] = (e[:, i, 0], e[:, i, 1])
-        features = pooled(self.vit, prompted_tokens(self.vit, batch["pixel_values"], prefixes))
+        features = self.prefixed_features(batch, prefixes)
         aux = None
         if task is not None and self.opts.dualprompt_key_lambda > 0:
-            aux = self.opts.dualprompt_key_lambda * (1 - F.cosine_similarity(q, self.e_keys[task.id][None], dim=-1)).mean()
+            match = F.cosine_similarity(q, pool.e_keys[task.id][None], dim=-1)
+            aux = self.opts.dualprompt_key_lambda * (1 - match).mean()
         return features, aux

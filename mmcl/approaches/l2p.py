@@ -1,6 +1,8 @@
-"""L2P, Learning to Prompt (Wang et al., CVPR 2022): a shared prompt pool with query–key matching, frozen ViT.
+"""L2P, Learning to Prompt (Wang et al., CVPR 2022): a shared prompt pool with query–key matching.
 
-A pool of N prompts (length L_p each) with keys k_i. The query q (the frozen model's pooled
+On any frozen transformer encoder of mmcl/backbones/tokens.py (a ViT, a BERT-family text encoder).
+
+A pool of N prompts (length L_p each) with keys k_i. The query q (the frozen encoder's pooled
 feature without prompts) picks the top-k keys by cosine similarity; the k selected prompts
 are prepended to the input tokens (prompt tuning, after [CLS]) and the classifier reads
 the mean of the prompt tokens' outputs, as in the paper. The surrogate loss
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.approaches import APPROACHES
-from mmcl.approaches.prompting import PromptApproach, prompted_tokens
+from mmcl.approaches.prompting import PromptApproach
+from mmcl.backbones.tokens import TokenEncoder
 from mmcl.options import Options, option
 
 
@@ -42,27 +45,31 @@ class L2P(PromptApproach):
     name = "l2p"
     Options = L2POptions
 
-    def __init__(self, backbone, seq, scenario, cfg) -> None:
-        super().__init__(backbone, seq, scenario, cfg)
-        pool, length = self.opts.l2p_pool_size, self.opts.l2p_length
-        gen = torch.Generator().manual_seed(cfg.seed)
-        # the reference implementation's uniform(-1, 1) initialisation of prompts and keys
-        self.prompts = nn.Parameter(torch.rand(pool, length, self.embed_dim, generator=gen) * 2 - 1)
-        self.prompt_keys = nn.Parameter(torch.rand(pool, self.embed_dim, generator=gen) * 2 - 1)
+    uses_prefix = False  # prompt tuning: tokens after [CLS], not inside the attention
 
-    def select(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def make_pool(self, encoder: TokenEncoder) -> nn.Module:
+        pool, length, D = self.opts.l2p_pool_size, self.opts.l2p_length, encoder.token_dim
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        p = nn.Module()
+        # the reference implementation's uniform(-1, 1) initialisation of prompts and keys
+        p.prompts = nn.Parameter(torch.rand(pool, length, D, generator=gen) * 2 - 1)
+        p.prompt_keys = nn.Parameter(torch.rand(pool, D, generator=gen) * 2 - 1)
+        return p
+
+    def select(self, q: torch.Tensor, pool: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(indices (B, k) of the top-k prompts, their cosine similarities (B, k))."""
-        sim = F.cosine_similarity(q[:, None], self.prompt_keys[None], dim=-1)  # (B, N)
+        sim = F.cosine_similarity(q[:, None], pool.prompt_keys[None], dim=-1)  # (B, N)
         top = sim.topk(self.opts.l2p_top_k, dim=-1)
         return top.indices, top.values
 
     def prompt_features(self, batch, q, task):
-        idx, sim = self.select(q)
-        B = q.shape[0]
-        chosen = self.prompts[idx].reshape(B, -1, self.embed_dim)  # (B, k * L_p, D)
-        tokens = prompted_tokens(self.vit, batch["pixel_values"], prepend=chosen)
-        n = self.vit.num_prefix_tokens
-        features = tokens[:, n : n + chosen.shape[1]].mean(dim=1)
+        m = self.modality(batch)
+        enc, pool = self.encoders[m], self.pools[m]
+        idx, sim = self.select(q, pool)
+        chosen = pool.prompts[idx].reshape(q.shape[0], -1, enc.token_dim)  # (B, k * L_p, D)
+        tokens, _ = enc.encode_tokens(batch, insert=chosen)
+        n = enc.lead_tokens
+        features = self.model.backbone.from_tower(m, tokens[:, n : n + chosen.shape[1]].mean(dim=1))
         aux = None
         if task is not None and self.opts.l2p_key_lambda > 0:
             aux = self.opts.l2p_key_lambda * (1 - sim).sum(dim=1).mean()

@@ -1,16 +1,21 @@
-"""Prompting a frozen timm ViT: the forward shared by CODA-Prompt, L2P and DualPrompt.
+"""Prompting a frozen transformer encoder: what CODA-Prompt, L2P and DualPrompt share, for any modality.
 
-timm's VisionTransformer is run block by block here (patch embedding, position embedding,
-blocks, final norm, pooling), not forked: a block with a prompt gets a prefix-tuning
-attention (extra keys and values concatenated after the qkv projection, so the prompt
-changes what every token attends to without adding output tokens); L2P's prompt tuning
-inserts extra tokens after the [CLS] token instead. The query of all three methods is the
-pooled feature of a prompt-free pass of the same frozen model, under no_grad.
+The encoder is any `TokenEncoder` backbone (mmcl/backbones/tokens.py: a timm `vit`, `bert_frozen`,
+`bert`, a Hugging Face BERT-family id), which says how to run its layers with a prefix (extra keys and
+values concatenated inside self-attention after the key/value projections, so the prompt changes what
+every token attends to without adding output tokens: CODA-Prompt, DualPrompt) or with extra tokens after
+its lead [CLS] token (L2P's prompt tuning; padding is masked, prompt and prefix positions never are).
+The query of all three methods is the pooled feature of a prompt-free pass of the same frozen encoder,
+under no_grad.
 
-`PromptApproach` holds what the three methods share: the frozen backbone (no gradients,
-kept in eval mode), the query pass, and the class-incremental loss with the logits of past
-tasks' classes masked to -inf (the current task's classes compete only with each other,
-so the head of earlier classes is not pushed down: CODA-Prompt, L2P and DualPrompt all do this).
+On a backbone with one tower per modality (`dual`) every tower gets its own prompt pool (the pools live
+in `self.pools`, keyed by modality); a prompted tower's pooled feature then goes through the backbone's
+own (frozen) projection into the shared feature space, where the heads are.
+
+`PromptApproach` holds what the three methods share: the frozen backbone (no gradients, kept in eval
+mode), the query pass, and the class-incremental loss with the logits of past tasks' classes masked to
+-inf (the current task's classes compete only with each other, so the head of earlier classes is not
+pushed down: CODA-Prompt, L2P and DualPrompt all do this).
 """
 from __future__ import annotations
 
@@ -21,21 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.approaches.base import Approach
+from mmcl.backbones.tokens import Prefix, TokenEncoder, token_encoder
 from mmcl.data.sequence import Task
-
-Prefix = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (B, length, embed_dim)
-
-
-def check_prompt_vit(vit: nn.Module, flag: str = "--backbone") -> None:
-    """The forward below needs a timm VisionTransformer with standard attention blocks."""
-    blocks = getattr(vit, "blocks", None)
-    ok = blocks is not None and all(hasattr(getattr(b, "attn", None), "qkv") for b in blocks) and hasattr(vit, "_pos_embed")
-    if not ok:
-        raise ValueError(f"{flag}: prompting needs a timm VisionTransformer (`vit`), got {type(vit).__name__}")
 
 
 def parse_layers(text: str, depth: int, flag: str) -> list[int]:
-    """'0,1,2' or '0-2' -> [0, 1, 2]; each index must name one of the model's `depth` blocks."""
+    """'0,1,2' or '0-2' -> [0, 1, 2]; each index must name one of the encoder's `depth` layers."""
     layers: list[int] = []
     for part in str(text).replace(" ", "").split(","):
         if not part:
@@ -44,64 +40,14 @@ def parse_layers(text: str, depth: int, flag: str) -> list[int]:
             lo, _, hi = part.partition("-")
             layers.extend(range(int(lo), int(hi or lo) + 1))
         except ValueError:
-            raise ValueError(f"--{flag} must be block indices like '0,1,2' or '0-2', got '{text}'") from None
+            raise ValueError(f"--{flag} must be layer indices like '0,1,2' or '0-2', got '{text}'") from None
     if not layers:
-        raise ValueError(f"--{flag} names no block, got '{text}'")
+        raise ValueError(f"--{flag} names no layer, got '{text}'")
     bad = [i for i in layers if not 0 <= i < depth]
     if bad:
-        raise ValueError(f"--{flag}: blocks {bad} do not exist; the vit has {depth} blocks (0..{depth - 1}, --vit_depth)")
+        raise ValueError(f"--{flag}: layers {bad} do not exist; the encoder has {depth} layers (0..{depth - 1}; "
+                         f"a vit's depth is --vit_depth)")
     return sorted(set(layers))
-
-
-def prefix_attention(attn: nn.Module, x: torch.Tensor, prefix: Prefix) -> torch.Tensor:
-    """timm Attention.forward with prompt keys/values concatenated in front of the tokens' own."""
-    B, N, _ = x.shape
-    h, hd = attn.num_heads, attn.head_dim
-    qkv = attn.qkv(x).reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    pk, pv = (p.reshape(B, -1, h, hd).transpose(1, 2).to(q.dtype) for p in prefix)
-    q, k = attn.q_norm(q), attn.k_norm(torch.cat([pk, k], dim=2))
-    v = torch.cat([pv, v], dim=2)
-    x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    x = attn.norm(x.transpose(1, 2).reshape(B, N, h * hd))
-    gate = getattr(attn, "gate", None)
-    if gate is not None:
-        x = x * gate(x).sigmoid()
-    return attn.proj_drop(attn.proj(x))
-
-
-def embed(vit: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    x = vit.patch_embed(pixels)
-    x = vit._pos_embed(x)
-    x = vit.patch_drop(x)
-    return vit.norm_pre(x)
-
-
-def run_blocks(vit: nn.Module, x: torch.Tensor, prefixes: dict[int, Prefix] | None = None) -> torch.Tensor:
-    """The blocks (prefix attention where `prefixes` has the block's index) and the final norm."""
-    prefixes = prefixes or {}
-    for i, blk in enumerate(vit.blocks):
-        if i not in prefixes:
-            x = blk(x)
-            continue
-        x = x + blk.drop_path1(blk.ls1(prefix_attention(blk.attn, blk.norm1(x), prefixes[i])))
-        x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return vit.norm(x)
-
-
-def prompted_tokens(vit: nn.Module, pixels: torch.Tensor, prefixes: dict[int, Prefix] | None = None,
-                    prepend: torch.Tensor | None = None) -> torch.Tensor:
-    """All output tokens; `prepend` (B, P, D) goes right after the [CLS] token, without position embedding."""
-    x = embed(vit, pixels)
-    if prepend is not None:
-        n = vit.num_prefix_tokens
-        x = torch.cat([x[:, :n], prepend.to(x.dtype), x[:, n:]], dim=1)
-    return run_blocks(vit, x, prefixes)
-
-
-def pooled(vit: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """The backbone's own pooling ([CLS] or average, --vit_pool) of output tokens."""
-    return vit.forward_head(tokens, pre_logits=True)
 
 
 def mask_past_classes(logits: torch.Tensor, offset: int) -> torch.Tensor:
@@ -130,22 +76,31 @@ def orthogonal_rows(previous: torch.Tensor, n: int, generator: torch.Generator) 
 
 
 class PromptApproach(Approach, metaclass=ABCMeta):
-    """Frozen ViT + prompts + the engine's heads; subclasses define `prompt_features`."""
+    """Frozen encoder + prompts + the engine's heads; subclasses define `make_pool` and `prompt_features`."""
 
-    modalities = ("image",)
+    modalities = ("text", "image")
+    # prefix-tuning methods put prompts inside self-attention (not possible in convit's gated attention)
+    uses_prefix: bool = True
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         super().__init__(backbone, seq, scenario, cfg)
-        check_prompt_vit(self.vit)
         self.model.backbone.requires_grad_(False)
-        self.embed_dim = self.vit.embed_dim
-        self.depth = len(self.vit.blocks)
+        towers = backbone.towers_by_modality()
+        tower_flags = {"text": "--text_backbone", "image": "--vision_backbone"}
+        self.encoders: dict[str, TokenEncoder] = {
+            m: token_encoder(enc, "--backbone" if enc is backbone else tower_flags[m], prefix=self.uses_prefix)
+            for m, enc in towers.items()}
+        self.pools = nn.ModuleDict({m: self.make_pool(enc) for m, enc in self.encoders.items()})
         # tasks learned so far (or being learned): which slices / e-prompts inference may use; saved with the weights
         self.register_buffer("num_learned", torch.zeros((), dtype=torch.long))
 
     @property
-    def vit(self) -> nn.Module:
-        return self.model.backbone.model
+    def pool(self) -> nn.Module:
+        """The prompt pool of a one-encoder backbone."""
+        if len(self.pools) != 1:
+            raise ValueError(f"the backbone has one prompt pool per modality ({', '.join(self.pools)}): "
+                             "use self.pools[modality]")
+        return next(iter(self.pools.values()))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -160,18 +115,30 @@ class PromptApproach(Approach, metaclass=ABCMeta):
         # prompts and keys live on the approach, beside the model; the frozen backbone is left out
         return [p for p in self.parameters() if p.requires_grad]
 
+    def modality(self, batch: dict) -> str:
+        return self.model.backbone.batch_modality(batch)
+
     @torch.no_grad()
     def query(self, batch: dict) -> torch.Tensor:
-        """q(x): the pooled feature of the frozen model without prompts."""
-        vit = self.vit
-        return pooled(vit, vit.forward_features(batch["pixel_values"]))
+        """q(x): the pooled feature of the batch's frozen encoder without prompts."""
+        return self.encoders[self.modality(batch)](batch)
+
+    def prefixed_features(self, batch: dict, prefixes: dict[int, Prefix]) -> torch.Tensor:
+        """The backbone's features of a pass with prefixes in the given layers (CODA-Prompt, DualPrompt)."""
+        m = self.modality(batch)
+        enc = self.encoders[m]
+        return self.model.backbone.from_tower(m, enc.pool_tokens(*enc.encode_tokens(batch, prefixes)))
+
+    @abstractmethod
+    def make_pool(self, encoder: TokenEncoder) -> nn.Module:
+        """The method's prompt parameters for one encoder (sized by its `token_dim`, `num_token_layers`)."""
 
     @abstractmethod
     def prompt_features(self, batch: dict, q: torch.Tensor, task: Task | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(features for the head, auxiliary loss or None); `task` is the task being trained, None at test.
 
-        The one hook each prompt method defines (coda_prompt.py, l2p.py, dualprompt.py); a subclass
-        without it cannot be constructed (TypeError naming the method)."""
+        The hook each prompt method defines (coda_prompt.py, l2p.py, dualprompt.py) with `make_pool`; a
+        subclass without them cannot be constructed (TypeError naming the method)."""
 
     def training_step(self, batch: dict, task: Task) -> torch.Tensor:
         features, aux = self.prompt_features(batch, self.query(batch), task)

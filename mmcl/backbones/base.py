@@ -42,3 +42,16 @@ class Backbone(nn.Module):
 
     def accepts(self, modality: str) -> bool:
         return modality == self.modality
+
+    # A backbone with one encoder per modality (`dual`) exposes them, so a method that runs an encoder's
+    # layers itself (prompts) can hold state per modality and still end in this backbone's feature space.
+    def towers_by_modality(self) -> dict[str, "Backbone"]:
+        """The single-modality encoders inside, by modality: this backbone itself unless it has towers."""
+        return {self.modality: self}
+
+    def batch_modality(self, batch: dict[str, Any]) -> str:
+        return self.modality
+
+    def from_tower(self, modality: str, features: torch.Tensor) -> torch.Tensor:
+        """A tower's pooled features -> this backbone's features (the identity without towers)."""
+        return features

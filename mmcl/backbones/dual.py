@@ -85,11 +85,20 @@ class DualBackbone(Backbone):
         return batch
 
     def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
-        modality = inputs.get(MODALITY_KEY)
+        modality = self.batch_modality(inputs)
+        return self.from_tower(modality, self.tower(modality)(inputs))
+
+    def towers_by_modality(self) -> dict[str, Backbone]:
+        return dict(self.towers)
+
+    def batch_modality(self, batch: dict[str, Any]) -> str:
+        modality = batch.get(MODALITY_KEY)
         if modality is None:
             raise ValueError("--backbone dual: the batch has no 'modality' entry (collate it with the dual backbone)")
-        h = self.tower(modality)(inputs)
-        return self.shared(self.proj[modality](h))
+        return modality
+
+    def from_tower(self, modality: str, features: torch.Tensor) -> torch.Tensor:
+        return self.shared(self.proj[modality](features))
 
 
 @dataclass

@@ -16,6 +16,7 @@ from torch import nn
 from mmcl.backbones import BACKBONES
 from mmcl.backbones.adapters import ADAPTER_FORMS, AdapterSite, AdapterSites
 from mmcl.backbones.base import Backbone, BackboneSpec
+from mmcl.backbones.tokens import Prefix, TokenEncoder, attend
 from mmcl.options import Options, option, positive
 
 DEFAULT_BERT = "minilm"  # alias resolved by `resolve_bert_model`
@@ -42,9 +43,10 @@ def looks_like_hf_model(name: str) -> bool:
     return len(parts) == 2 and all(parts)
 
 
-class BertEncoder(Backbone):
+class BertEncoder(TokenEncoder, Backbone):
     modality = "text"
     input_keys = ("input_ids", "attention_mask", "token_type_ids")
+    lead_tokens = 1  # [CLS]: L2P's prompt tokens go right after it
 
     def __init__(self, model_name: str, max_length: int, pooling: str = "mean", trainable: bool = True,
                  dropout: float | None = None) -> None:
@@ -68,7 +70,7 @@ class BertEncoder(Backbone):
         if pooling not in ("mean", "cls"):
             raise ValueError(f"--pooling must be 'mean' or 'cls', got '{pooling}'")
         self.pooling = pooling
-        self.feature_dim = self.encoder.config.hidden_size
+        self.feature_dim = self.token_dim = self.encoder.config.hidden_size
         self.encoder.requires_grad_(trainable)
 
     def preprocess(self, dataset):
@@ -91,11 +93,54 @@ class BertEncoder(Backbone):
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         kwargs = {k: inputs[k] for k in self.input_keys if k in inputs}
-        hidden = self.encoder(**kwargs).last_hidden_state
-        if self.pooling == "cls":
-            return hidden[:, 0]
-        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return self.pool_tokens(self.encoder(**kwargs).last_hidden_state, inputs["attention_mask"])
+
+    # -- the token interface (mmcl/backbones/tokens.py): the encoder's layers run one by one --------------
+    @property
+    def core(self) -> nn.Module:
+        """The transformers model itself (under peft's wrapper for `bert_lora`)."""
+        return self.encoder.get_base_model() if hasattr(self.encoder, "get_base_model") else self.encoder
+
+    @property
+    def supports_tokens(self) -> bool:
+        """A BERT-layout encoder (BERT, RoBERTa, MiniLM, ...): embeddings, then layers with attention.self.query."""
+        layers = getattr(getattr(self.core, "encoder", None), "layer", None)
+        return (layers is not None and hasattr(self.core, "embeddings")
+                and all(hasattr(getattr(getattr(layer, "attention", None), "self", None), "query") for layer in layers))
+
+    supports_prefix = supports_tokens
+
+    @property
+    def num_token_layers(self) -> int:
+        return len(self.core.encoder.layer)
+
+    def embed_tokens(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.core.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids"))
+        return x, inputs["attention_mask"].bool()
+
+    def run_token_layer(self, i: int, x: torch.Tensor, key_mask: torch.Tensor | None,
+                        prefix: Prefix | None = None) -> torch.Tensor:
+        """BertLayer's maths (self-attention, output LayerNorm, feed-forward) with the prefix in the attention;
+        without one it matches the transformers forward to float precision."""
+        layer = self.core.encoder.layer[i]
+        sa = layer.attention.self
+        B, N, _ = x.shape
+        h, hd = sa.num_attention_heads, sa.attention_head_size
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(B, N, h, hd).transpose(1, 2)
+
+        out = attend(heads(sa.query(x)), heads(sa.key(x)), heads(sa.value(x)), key_mask, prefix,
+                     dropout=sa.dropout.p if self.training else 0.0, scale=sa.scaling)
+        attended = layer.attention.output(out.transpose(1, 2).reshape(B, N, h * hd), x)
+        return layer.output(layer.intermediate(attended), attended)
+
+    def pool_tokens(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """--pooling: [CLS], or the mean over real tokens (padding left out)."""
+        if self.pooling == "cls" or key_mask is None:
+            return x[:, 0] if self.pooling == "cls" else x.mean(dim=1)
+        mask = key_mask.unsqueeze(-1).to(x.dtype)
+        return (x * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 class BertAdapterEncoder(AdapterSites, BertEncoder):

@@ -12,6 +12,7 @@ import torch
 from mmcl.backbones import BACKBONES
 from mmcl.backbones.adapters import Adapter, AdapterSite, AdapterSites
 from mmcl.backbones.base import Backbone, BackboneSpec
+from mmcl.backbones.tokens import Prefix, TokenEncoder
 from mmcl.options import Options, option, positive
 
 
@@ -23,7 +24,7 @@ def _patch_size(image_size: int, requested: int | None) -> int:
     return 4 if image_size >= 16 else 2
 
 
-class TimmVisionBackbone(Backbone):
+class TimmVisionBackbone(TokenEncoder, Backbone):
     modality = "image"
     input_keys = ("pixel_values",)
 
@@ -33,6 +34,8 @@ class TimmVisionBackbone(Backbone):
         self.image_shape = tuple(image_shape)
         self.in_chans = image_shape[2] if len(image_shape) == 3 else 1
         self.feature_dim = model.num_features
+        self.token_dim = model.embed_dim
+        self.lead_tokens = getattr(model, "num_prefix_tokens", 0)
 
     def preprocess(self, dataset):
         # Images stay uint8 in Arrow; scaling happens per batch (cheaper than storing floats).
@@ -47,6 +50,85 @@ class TimmVisionBackbone(Backbone):
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model(inputs["pixel_values"])
+
+    # -- the token interface (mmcl/backbones/tokens.py): timm's VisionTransformer run block by block --
+    @property
+    def supports_tokens(self) -> bool:
+        return hasattr(self.model, "blocks") and hasattr(self.model, "_pos_embed")  # not a `--pretrained` CNN
+
+    @property
+    def supports_prefix(self) -> bool:
+        return self.supports_tokens and all(hasattr(getattr(b, "attn", None), "qkv") for b in self.model.blocks)
+
+    @property
+    def num_token_layers(self) -> int:
+        return len(self.model.blocks)
+
+    def embed_tokens(self, inputs: dict) -> tuple[torch.Tensor, None]:
+        vit = self.model
+        x = vit._pos_embed(vit.patch_embed(inputs["pixel_values"]))
+        return vit.norm_pre(vit.patch_drop(x)), None
+
+    def run_token_layer(self, i: int, x: torch.Tensor, key_mask: None, prefix: Prefix | None = None) -> torch.Tensor:
+        blk = self.model.blocks[i]
+        if prefix is None:
+            return blk(x)
+        x = x + blk.drop_path1(blk.ls1(prefix_attention(blk.attn, blk.norm1(x), prefix)))
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+    def finish_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.norm(x)
+
+    def pool_tokens(self, x: torch.Tensor, key_mask: None) -> torch.Tensor:
+        """The model's own pooling ([CLS] or average, --vit_pool)."""
+        return self.model.forward_head(x, pre_logits=True)
+
+
+def prefix_attention(attn: torch.nn.Module, x: torch.Tensor, prefix: Prefix) -> torch.Tensor:
+    """timm Attention.forward with prompt keys/values concatenated in front of the tokens' own."""
+    import torch.nn.functional as F
+
+    B, N, _ = x.shape
+    h, hd = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(x).reshape(B, N, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    pk, pv = (p.reshape(B, -1, h, hd).transpose(1, 2).to(q.dtype) for p in prefix)
+    q, k = attn.q_norm(q), attn.k_norm(torch.cat([pk, k], dim=2))
+    v = torch.cat([pv, v], dim=2)
+    x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    x = attn.norm(x.transpose(1, 2).reshape(B, N, h * hd))
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        x = x * gate(x).sigmoid()
+    return attn.proj_drop(attn.proj(x))
+
+
+class TimmConvitBackbone(TimmVisionBackbone):
+    """ConViT: its gated positional (GPSA) blocks have no qkv projection to put a prefix into, and its [CLS]
+    token joins only at `local_up_to_layer`; as a token encoder it gives the patch tokens through every
+    block, with no [CLS] (what DyTox's encoder is)."""
+
+    supports_prefix = False
+    supports_tokens = True
+
+    def __init__(self, model: torch.nn.Module, image_shape: tuple[int, ...]) -> None:
+        super().__init__(model, image_shape)
+        self.lead_tokens = 0
+
+    def embed_tokens(self, inputs: dict) -> tuple[torch.Tensor, None]:
+        m = self.model
+        x = m.patch_embed(inputs["pixel_values"])
+        if m.use_pos_embed:
+            x = x + m.pos_embed
+        return m.pos_drop(x), None
+
+    def run_token_layer(self, i: int, x: torch.Tensor, key_mask: None, prefix: Prefix | None = None) -> torch.Tensor:
+        return self.model.blocks[i](x)
+
+    def finish_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def pool_tokens(self, x: torch.Tensor, key_mask: None) -> torch.Tensor:
+        return x.mean(dim=1)
 
 
 @dataclass
@@ -96,7 +178,8 @@ def _timm_model(arch: str, cfg, spec: BackboneSpec, **overrides) -> TimmVisionBa
         model = timm.create_model(arch, pretrained=False, **kwargs)
         if pretrained:
             load_vision_weights(model, Path(pretrained))
-    return TimmVisionBackbone(model, spec.image_shape)
+    wrapper = TimmConvitBackbone if hasattr(model, "local_up_to_layer") else TimmVisionBackbone
+    return wrapper(model, spec.image_shape)
 
 
 def load_vision_weights(model: torch.nn.Module, path: Path) -> None:
