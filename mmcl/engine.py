@@ -207,10 +207,10 @@ class Engine:
         self.history.append({"event": "resumed", "from_task": start, "changed": self.resume_changes})
         return start
 
-    def report(self, **status: Any) -> None:
+    def report(self, plot: bool = True, **status: Any) -> None:
         if self.is_main:
             with writing(self.run_dir / "metrics.json"):
-                write_report(self.run_dir, self.matrix, {**self.meta(), **status})
+                write_report(self.run_dir, self.matrix, {**self.meta(), **status}, plot=plot)
 
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> AccuracyMatrix:
@@ -237,7 +237,9 @@ class Engine:
                 acc_row, f1_row, til_row = self.evaluate_all()
                 self.matrix.set_row(task.id, acc_row, f1_row, til_row)
                 self.log({"event": "task_done", "task": task.id, "acc": acc_row, "macro_f1": f1_row, "til_acc": til_row})
-                self.report()
+                # drawing the heatmap takes 0.3-1 s: after every task of a run whose tasks take minutes, but only
+                # after the last one when tasks take seconds (where it would be most of the run's time)
+                self.report(plot=task is self.seq.tasks[-1] or time.time() - t0 > 60)
                 self.checkpoint(task.id)
         except NonFiniteError as e:
             raise self.fail("non-finite", str(e), e.where) from e

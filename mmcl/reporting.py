@@ -285,8 +285,8 @@ def modality_groups(mods: Any) -> dict[str, list[int]] | None:
 
 
 def write_report(run_dir: str | os.PathLike, matrix: AccuracyMatrix, meta: dict[str, Any],
-                 groups: dict[str, list[int]] | None = None) -> None:
-    """Write metrics.json, results.md and accuracy_matrix.png into ``run_dir``.
+                 groups: dict[str, list[int]] | None = None, plot: bool = True) -> None:
+    """Write metrics.json, results.md and (with ``plot``) accuracy_matrix.png into ``run_dir``.
 
     Without ``groups``, a run mixing modalities is grouped by ``meta["modalities"]``.
     """
@@ -303,6 +303,8 @@ def write_report(run_dir: str | os.PathLike, matrix: AccuracyMatrix, meta: dict[
     write_json_atomic(run_dir / METRICS_FILE, doc)
     title = " · ".join(str(meta[k]) for k in ("task_sequence", "backbone", "approach") if meta.get(k)) or run_dir.name
     write_text_atomic(run_dir / RESULTS_FILE, results_markdown(matrix, title, meta, groups))
+    if not plot:
+        return
     try:
         plot_accuracy_matrix(matrix, run_dir / PLOT_FILE, groups)
     except Exception as e:  # noqa: BLE001

@@ -44,8 +44,14 @@ def test_mismatched_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
     assert sorted(p.name for p in run_dir.rglob("*")) == before
 
 
-def test_metrics_json_rows_and_report_command(tmp_path):
+def test_metrics_json_rows_and_report_command(tmp_path, monkeypatch):
+    import mmcl.reporting
+
+    drawn = []
+    draw = mmcl.reporting.plot_accuracy_matrix
+    monkeypatch.setattr(mmcl.reporting, "plot_accuracy_matrix", lambda m, *a: (drawn.append(m.rows_done), draw(m, *a)))
     run(tmp_path, baseline="lwf", scenario="til", run_name="c")
+    assert drawn == [3]  # tasks of seconds: the heatmap is drawn once, after the last task
     run_dir = tmp_path / "runs" / "c"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     acc = np.array(metrics["matrix"]["acc"], dtype=float)
