@@ -20,7 +20,7 @@ from mmcl.config import RunConfig
 from mmcl.data import load_task_sequence
 from mmcl.data.prepare import Collator, backbone_spec, check_modalities, make_loader, prepare_task, reader_context
 from mmcl.data.sequence import Task, TaskSequence, get_scenario
-from mmcl.devices import make_accelerator
+from mmcl.devices import make_accelerator, release_prepared
 from mmcl.engine_errors import NonFiniteError, OutputError, RunFailed
 from mmcl.evaluation import BestEpoch, evaluate
 from mmcl.flags import resolve_options, validate_options
@@ -163,7 +163,7 @@ class Engine:
         # drop this task's DDP wrapper, optimiser and loaders: one per task would pile up (gradient
         # buckets), and DDP reducers freed only at exit, after the process group, abort under gloo
         del model, optimizer, scheduler, step_once
-        acc.free_memory()
+        release_prepared(acc)
 
     def train_stream(self, task: Task) -> None:
         """One pass over `task`'s training examples, each once, in batches of --online_batch_size; the learner

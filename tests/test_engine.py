@@ -31,7 +31,9 @@ def test_resume_from_a_task_checkpoint_gives_the_same_matrix(tmp_path):
 
 
 def test_mismatched_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    run(tmp_path, baseline="finetune", run_name="b")
+    engine, _ = run(tmp_path, baseline="finetune", run_name="b")
+    acc = engine.accelerator  # no task's prepared model, optimiser or scheduler outlives its task
+    assert (acc._models, acc._optimizers, acc._schedulers) == ([], [], [])
     run_dir = tmp_path / "runs" / "b"
     before = sorted(p.name for p in run_dir.rglob("*"))
     cfg = tiny_config(tmp_path, baseline="ewc", resume=str(run_dir))
