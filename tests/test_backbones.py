@@ -63,6 +63,20 @@ def test_text_pairs_are_encoded_as_pairs(minilm):
     assert set(ds[0]["token_type_ids"]) == {0, 1}
 
 
+def test_tokenised_splits_are_named_by_the_data_and_the_tokenizer_settings(minilm):
+    """The cache fingerprint of a tokenised split (our own: datasets would pickle the vocabulary for it)."""
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"text": ["a fine phone", "bad"], "label": [1, 0]})
+    first, again = minilm.preprocess(data), minilm.preprocess(data)
+    assert first._fingerprint == again._fingerprint
+    assert minilm.preprocess(Dataset.from_dict({"text": ["a fine phone", "worse"], "label": [1, 0]}))._fingerprint \
+        != first._fingerprint
+    shorter = build_backbone(cfg(backbone="bert", max_seq_length=2), TEXT)
+    assert shorter.preprocess(data)._fingerprint != first._fingerprint
+    assert len(shorter.preprocess(data)[0]["input_ids"]) == 2
+
+
 @pytest.mark.parametrize("name", ["vit", "convit"])
 def test_vision_backbones_on_small_images(name):
     backbone = build_backbone(cfg(backbone=name), IMAGE)

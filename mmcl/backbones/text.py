@@ -85,7 +85,14 @@ class BertEncoder(TokenEncoder, Backbone):
 
         keep = {"label"}
         drop = [c for c in dataset.column_names if c not in keep]
-        return dataset.map(tokenize, batched=True, remove_columns=drop, desc="tokenise")
+        # our own fingerprint for the cache: `datasets` would pickle the tokenizer (its whole vocabulary) to
+        # make one, ~1 s per split; the tokenizer's identity and settings name the result as well
+        from datasets.fingerprint import Hasher
+
+        fingerprint = Hasher.hash((dataset._fingerprint, "mmcl-tokenise-1", tokenizer.name_or_path,
+                                   type(tokenizer).__name__, len(tokenizer), tokenizer.all_special_tokens,
+                                   max_length, pair))
+        return dataset.map(tokenize, batched=True, remove_columns=drop, desc="tokenise", new_fingerprint=fingerprint)
 
     def collate_inputs(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         features = [{k: r[k] for k in self.input_keys if k in r} for r in rows]
