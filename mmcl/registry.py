@@ -26,15 +26,18 @@ class Registry(Generic[T]):
         self._aliases: dict[str, str] = {}
         self._loaders: list[Callable[[], None]] = []
 
-    def register(self, name: str | None = None, *, aliases: tuple[str, ...] = (), options: type | None = None
-                 ) -> Callable[[T], T]:
+    def register(self, name: str | None = None, *, aliases: tuple[str, ...] = (), options: type | None = None,
+                 **declared) -> Callable[[T], T]:
         """`options`: the entry's Options dataclass (mmcl.options), kept as `obj.Options`; an approach class
-        declares it as a class attribute instead."""
+        declares it as a class attribute instead. Other keywords are declarations kept as attributes of the
+        entry (a backbone's `modalities` and `provides`, read by mmcl/compat.py)."""
 
         def decorator(obj: T) -> T:
             key = name or getattr(obj, "name", None) or obj.__name__  # type: ignore[attr-defined]
             if options is not None:
                 obj.Options = options  # type: ignore[attr-defined]
+            for attr, value in declared.items():
+                setattr(obj, attr, value)
             if key in self._items or key in self._aliases:
                 raise ValueError(f"{self.kind} '{key}' is registered twice")
             self._items[key] = obj

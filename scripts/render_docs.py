@@ -3,7 +3,8 @@
     python scripts/render_docs.py            # rewrite every marked table in README.md and docs/
     python scripts/render_docs.py --check    # exit 1 listing every table that differs from its JSON
 
-A table sits in a page between markers, and only the script writes what is between them:
+A table sits in a page between markers, and only the script writes what is between them (the table
+`compat` is made from the registries' declarations by mmcl/compat.py, not from JSON):
 
     <!-- table: vader4-til -->
     | approach | ACC | ... |
@@ -159,8 +160,16 @@ def blocks(text: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def generated_tables() -> dict[str, Any]:
+    """Tables made from the code, not from JSON: their name -> a function giving the markdown."""
+    from mmcl import compat
+
+    return {"compat": compat.markdown}
+
+
 def process(root: Path, write: bool) -> list[str]:
     """Compare (or rewrite) every marked table; return the problems found."""
+    generated = generated_tables()
     specs, problems, placed = table_specs(root), [], set()
     for page in pages(root):
         text = page.read_text()
@@ -173,11 +182,13 @@ def process(root: Path, write: bool) -> list[str]:
         for name, start, end in reversed(found):  # from the bottom, so earlier line numbers stay valid
             where = f"{page.relative_to(root)}:{start}: table {name}"
             placed.add(name)
+            if name in generated:
+                specs = {**specs, name: None}
             if name not in specs:
                 problems.append(f"{where}: no {RESULTS / (name + '.json')}")
                 continue
             try:
-                want = render(specs[name])
+                want = generated[name]().rstrip("\n") if name in generated else render(specs[name])
             except TableError as e:
                 problems.append(f"{where}: {e}")
                 continue
@@ -192,7 +203,7 @@ def process(root: Path, write: bool) -> list[str]:
             if new != text:
                 page.write_text(new)
                 print(f"wrote {page.relative_to(root)}")
-    for name in sorted(set(specs) - placed):
+    for name in sorted(set(specs) - placed - set(generated)):
         problems.append(f"{RESULTS / (name + '.json')}: no page has a `<!-- table: {name} -->` marker")
     return problems
 

@@ -86,3 +86,23 @@ def tiny_config(tmp_path, **overrides):
 @pytest.fixture
 def toy_sequence():
     return synthetic_image_sequence
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A randomly initialised 2-layer BERT (width 16) with MiniLM's tokenizer, as a local model folder: runs
+    every text code path of a BERT-family encoder in a fraction of MiniLM's time."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from mmcl.backbones.text import resolve_bert_model
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_bert_model(None))
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64)
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

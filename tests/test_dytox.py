@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import synthetic_image_sequence, tiny_config
-from mmcl.approaches.dytox import distillation_weight
+from conftest import synthetic_image_sequence, tiny_config, toy_text_sequence
+from mmcl.approaches.dytox import DyToxModel, distillation_weight
 from mmcl.engine import Engine
 from mmcl.memory import herding_order
 
@@ -267,7 +267,127 @@ def test_inference_shapes_follow_classes_and_tasks(tmp_path, scenario):
     assert len(matrix_row) == 3
 
 
-def test_dytox_needs_convit(tmp_path):
-    cfg = tiny_config(tmp_path, baseline="dytox", backbone="vit", scenario="cil")
-    with pytest.raises(ValueError, match="--backbone convit"):
-        Engine(cfg, sequence=synthetic_image_sequence()).setup()
+def test_convit_encoder_tokens_are_the_convit_forward_of_before(tmp_path):
+    """Invariant of the move to the TokenEncoder interface: on convit, DyTox's encoder tokens are exactly (bitwise)
+    what its own convit code computed before (patch embedding + positions + dropout, then every block kept, no
+    [CLS], no final norm), with no key mask, and the TAB reads them unmasked; so convit DyTox runs (predictions,
+    weights, memories) and the state-dict keys of its checkpoints are as before."""
+    engine = dytox_engine(tmp_path, vit_depth=3)
+    m = engine.approach.model
+    vit = m.backbone.model
+    batch = next(iter(engine.loader(engine.seq[0].test, 8, shuffle=False)))
+    m.eval()
+    with torch.no_grad():
+        x = vit.patch_embed(batch["pixel_values"]) + vit.pos_embed
+        x = vit.pos_drop(x)
+        for block in vit.blocks:
+            x = block(x)
+        tokens, mask = m.encoder_tokens(batch)
+        assert mask is None and torch.equal(tokens, x)
+        e1 = m.tab(m.task_tokens[1].expand(8, -1, -1), x)
+        assert torch.equal(m.embeddings(batch, [0, 1])[:, 1:], e1)
+    assert m.depth is None and m.tab.heads == 2  # the blocks were removed, not skipped; --vit_heads 2
+    assert {n.split(".")[3] for n, _ in m.state_dict().items() if n.startswith("backbone.model.blocks.")} == {"0", "1"}
+
+
+def text_engine(tmp_path, backbone="bert_frozen", **kw):
+    cfg = tiny_config(tmp_path, task="toytext", baseline="dytox", backbone=backbone, scenario="cil", max_seq_length=16,
+                      memory_size=8, num_train_epochs=1, dytox_finetune_epochs=1, learning_rate=1e-3,
+                      save_checkpoints=False, **kw)
+    engine = Engine(cfg, sequence=toy_text_sequence(n_train=16, n_test=8))
+    engine.setup()
+    return engine
+
+
+@pytest.mark.parametrize("backbone", ["vit", "bert_frozen"])
+def test_dytox_runs_cil_on_vit_and_on_a_frozen_text_encoder(tmp_path, backbone):
+    """Two CIL tasks: task 1 trains its own token and head and leaves task 0's as they were (until the balanced
+    fine-tuning on the memory, which collates, pads and trains on rows of both tasks); a frozen encoder is
+    bitwise unchanged after everything, a ViT's trains except what its --vit_depth - 1 blocks never reach."""
+    if backbone == "vit":
+        cfg = tiny_config(tmp_path, baseline="dytox", backbone="vit", scenario="cil", vit_depth=2, memory_size=8,
+                          num_train_epochs=1, dytox_finetune_epochs=1, save_checkpoints=False)
+        engine = Engine(cfg, sequence=synthetic_image_sequence(n_train=16, n_test=8))
+        engine.setup()
+    else:
+        engine = text_engine(tmp_path)
+    approach, m = engine.approach, engine.approach.model
+    assert m.tab.heads == m.backbone.num_heads  # 2 (--vit_heads), 12 (MiniLM)
+    start = snapshot(m)
+    engine.train_task(engine.seq[0])
+    before = snapshot(m)
+    seen = watch_finetuning(approach)
+    engine.train_task(engine.seq[1])
+    in_task = {n for n, p in seen["before_finetuning"].items() if not torch.equal(p, before[n])}
+    assert not any(n.startswith(("task_tokens.0", "heads.0.")) for n in in_task)
+    assert {"task_tokens.1", "heads.1.1.weight", "tab.q.weight"} <= in_task
+    assert {"task_tokens.0", "heads.0.1.weight"} <= seen["changed"]  # the fine-tuning trains every head so far
+    assert not any(n.startswith("backbone.") for n in seen["requires_grad"])  # the encoder frozen in it
+    after = snapshot(m)
+    encoder = {n for n in after if n.startswith("backbone.")}
+    moved = {n for n in encoder if not torch.equal(after[n], start[n])}
+    if backbone == "bert_frozen":
+        assert not moved and not any(p.requires_grad for p in m.backbone.parameters())  # still frozen after
+        assert m.depth is None  # every pre-trained layer runs, the TAB on top
+    else:
+        # --vit_depth 2 counts the TAB: block 0 runs, block 1 and the final norm never do
+        assert m.depth == 1 and any(n.startswith("backbone.model.blocks.0.") for n in moved)
+        assert not any(n.startswith(("backbone.model.blocks.1.", "backbone.model.norm.")) for n in moved)
+    assert len(approach.memory) == 8 and sorted(approach.memory.class_counts()) == [0, 1, 2, 3]
+    batch = next(iter(engine.loader(engine.seq[0].test, 8, shuffle=False)))
+    approach.eval()
+    logits = approach.predict(batch, None)
+    assert logits.shape == (8, 4) and torch.isfinite(logits).all()
+
+
+def test_padding_does_not_change_a_text_example_s_task_embedding():
+    """The key mask reaches the encoder and the TAB: an example alone and padded beside a longer one has the
+    same task embeddings; the padding does count if the mask is dropped (so the test can fail)."""
+    from mmcl.backbones.text import BertEncoder
+
+    torch.manual_seed(0)
+    encoder = BertEncoder(None, 16, trainable=False)
+    m = DyToxModel(encoder, [2, 2]).eval()
+    assert m.depth is None and m.tab.heads == encoder.num_heads == 12  # MiniLM's every layer, its heads
+    texts = ["the phone is good", "the big red hotel is not really very old at all"]
+    padded = encoder.collate_inputs([dict(encoder.tokenizer(t)) for t in texts])
+    alone = encoder.collate_inputs([dict(encoder.tokenizer(texts[0]))])
+    assert not padded["attention_mask"][0].all()  # the short one is padded
+    with torch.no_grad():
+        emb_alone = m.embeddings(alone, [0, 1])[0]
+        torch.testing.assert_close(m.embeddings(padded, [0, 1])[0], emb_alone, atol=1e-5, rtol=0)
+        x, mask = m.encoder_tokens(padded)
+        assert torch.equal(mask, padded["attention_mask"].bool())
+        unmasked = m.tab(m.task_tokens[0].expand(2, -1, -1), x)[0, 0]
+    assert (unmasked - emb_alone[0]).abs().max() > 1e-3
+
+
+def test_dytox_on_a_trained_text_encoder_trains_it_and_freezes_it_in_the_balanced_finetuning(tmp_path):
+    engine = text_engine(tmp_path, backbone="bert", bert_dropout=0.0)
+    approach, m = engine.approach, engine.approach.model
+    engine.train_task(engine.seq[0])
+    before = snapshot(m)
+    seen = watch_finetuning(approach)
+    engine.train_task(engine.seq[1])
+    in_task = {n for n, p in seen["before_finetuning"].items() if not torch.equal(p, before[n])}
+    assert any(n.startswith("backbone.encoder.encoder.layer.5.") for n in in_task)  # the SABs learn in the task
+    assert not any(n.startswith("backbone.") for n in seen["requires_grad"]) and not seen["encoder_training"]
+    assert not any(n.startswith("backbone.") for n in seen["changed"])
+    assert all(p.requires_grad for p in m.backbone.encoder.encoder.parameters())  # trainable again afterwards
+
+
+class NotATransformer(torch.nn.Module):
+    """A backbone with no token interface (a CNN, `dual`)."""
+
+    modality, feature_dim = "image", 8
+
+
+@pytest.mark.parametrize("backbone", [NotATransformer(), "dual"], ids=["not-a-token-encoder", "dual"])
+def test_dytox_needs_a_transformer_encoder(tmp_path, backbone):
+    if backbone == "dual":  # refused at start, before any data work: DyTox handles no task on it
+        cfg = tiny_config(tmp_path, baseline="dytox", backbone="dual", scenario="cil")
+        with pytest.raises(ValueError, match="--baseline dytox handles .* on --backbone dual, not tasks"):
+            Engine(cfg, sequence=synthetic_image_sequence()).setup()
+        return
+    with pytest.raises(ValueError, match="--backbone: .*NotATransformer is not one"):
+        DyToxModel(backbone, [2, 2])

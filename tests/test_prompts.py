@@ -238,6 +238,8 @@ def test_prompt_approaches_refuse_encoders_without_standard_attention(tmp_path):
     for baseline in ("coda_prompt", "dualprompt"):
         with pytest.raises(ValueError, match="--backbone: prompts go inside self-attention.*convit"):
             make_engine(tmp_path, baseline, backbone="convit")
+    with pytest.raises(ValueError, match="--backbone: prompt tokens go between.*cannot take extra tokens"):
+        make_engine(tmp_path, "l2p", backbone="convit")
 
 
 # -- ImageNet-R reader ------------------------------------------------------------------------

@@ -45,6 +45,13 @@ class Approach(nn.Module):
     uses_memory: ClassVar[bool] = False
     modalities: ClassVar[tuple[str, ...]] = ("text", "image")
     Options: ClassVar[type[Options] | None] = None  # the approach's own options (mmcl.options), if any
+    # what it needs of a backbone, for the compatibility matrix (mmcl/compat.py): capabilities the backbone
+    # declares (tokens, prefix, adapter_sites); on a backbone with towers, whether the "whole" backbone, "each"
+    # tower, only the "text" tower or "none" must have them; and why a scenario or modality it refuses is
+    # refused (a scenario or modality named here is a "no" by design, with this reason)
+    requires: ClassVar[tuple[str, ...]] = ()
+    tower_use: ClassVar[str] = "whole"
+    why_not: ClassVar[dict[str, str]] = {}
 
     def __init__(self, backbone: Backbone, seq: TaskSequence, scenario: Scenario, cfg) -> None:
         super().__init__()

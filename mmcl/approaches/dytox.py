@@ -1,19 +1,37 @@
-"""DyTox, dynamic token expansion (Douillard, Ramé, Couairon, Cord, CVPR 2022), on the `convit` backbone.
+"""DyTox, dynamic token expansion (Douillard, Ramé, Couairon, Cord, CVPR 2022), on any transformer encoder.
 
-Data flow for a batch of images while learning task t:
+The paper's model is a ConViT (`--backbone convit`, the reference setting). mmcl runs the same method on any
+backbone of the `TokenEncoder` interface (mmcl/backbones/tokens.py): `vit` (and `vit_adapter`), and text
+encoders, `bert` (trained), `bert_frozen` (frozen), `bert_lora`, `bert_adapter` and Hugging Face BERT-family
+ids; DyTox on text and on a plain ViT is mmcl's extension (docs/fidelity.md). Other backbones (`dual`, a
+`--pretrained` timm CNN) fail at start with an error naming --backbone.
 
-  shared encoder: the ConViT's patch embedding, position embedding and its self-attention blocks
-    (SABs, gated positional), over patch tokens only (no class token):   x (B, N, D)
+Data flow for a batch while learning task t:
+
+  shared encoder: the backbone's token embedding and its self-attention blocks (SABs), through
+    `encode_tokens(depth=..., finish=False)` (no final norm: the TAB normalises its inputs):
+                                                                          x (B, N, D), key mask (B, N)
+    convit: the patch tokens (no class token) through its gated positional blocks; vit: [CLS] and the
+    patch tokens through its blocks; text: [CLS], the word pieces, [SEP] and padding, which the key
+    mask marks
   task-attention block (TAB): for each task j <= t, its learned token theta_j is the only query
-    and attends to [theta_j; x]; LayerNorm-attention-residual, LayerNorm-MLP-residual:
-                                                                          e_j (B, D)
+    and attends to [theta_j; x] (padding masked out, theta_j always visible); LayerNorm-attention-
+    residual, LayerNorm-MLP-residual:                                      e_j (B, D)
   classifiers: task j's own LayerNorm + Linear on e_j gives its classes' logits; the logits of
     tasks 0..t are concatenated (CIL: all classes seen; TIL: only the tested task's head).
+The TAB has as many heads as the encoder (`num_heads`: --vit_heads, or the text model's own).
 
-Depth: --vit_depth counts the TAB, as the paper and the reference config do (CIFAR: depth 6 =
-5 SABs + 1 TAB, `local_up_to_layer: 5`): the encoder keeps --vit_depth - 1 blocks, all gated
-positional. --no-dytox_tab_in_depth keeps all --vit_depth blocks of `convit` (the last a plain one)
-and puts the TAB on top (mmcl before issue #20).
+Depth (--dytox_tab_in_depth, the default): on image encoders --vit_depth counts the TAB, as the paper and
+the reference config do (CIFAR: depth 6 = 5 SABs + 1 TAB, `local_up_to_layer: 5`): the TAB takes the
+place of the encoder's last block. `convit` loses that block (the plain one; the --vit_depth - 1 left
+are all gated positional), as before, so convit checkpoints keep their keys; `vit` keeps its blocks and
+runs only the first --vit_depth - 1 (the last block and the final norm stay in the model, unused: no
+gradient reaches them). --no-dytox_tab_in_depth runs all --vit_depth blocks and puts the TAB on top (mmcl
+before issue #20). Text encoders always keep every layer and put the TAB on top, whatever the flag: they
+are pre-trained, and dropping a pre-trained layer would throw away what it learned; their depth is the
+model's, not --vit_depth; and PyContinual's DyTox for text (its v1.0.0 branch, networks/baselines/
+dytox.py) runs the whole RoBERTa encoder under its TAB. A `--pretrained` ViT follows the image rule (its
+last pre-trained block is skipped); --no-dytox_tab_in_depth keeps it.
 
 Loss (t > 0): (1 - lambda) BCE(sigmoid logits, one-hot) + lambda KD + 0.1 divergence, with
   lambda = old classes / classes seen; KD = KL(softmax(old model's old logits) || softmax(new
@@ -24,7 +42,8 @@ Loss (t > 0): (1 - lambda) BCE(sigmoid logits, one-hot) + lambda KD + 0.1 diverg
 Each new task token starts from a fresh truncated normal (std 0.02), as in the reference code.
 While task t trains, the tokens and heads of earlier tasks are frozen (the reference's
 `freeze_task: [old_task_tokens, old_heads]`); the encoder and the TAB are shared and trained (the
-distillation holds them near the previous model).
+distillation holds them near the previous model). A frozen encoder (`bert_frozen`, `--freeze_backbone`)
+stays frozen throughout: the TAB, the tokens and the heads train on top of it.
 
 Rehearsal: a class-balanced memory of --memory_size examples in total (the global budget on any
 number of processes: it is chosen from the whole task with the same features everywhere), filled
@@ -35,9 +54,13 @@ After each task t > 0, balanced fine-tuning: --dytox_finetune_epochs (20, as the
 memory alone (class-balanced, the new classes included) at --dytox_finetune_lr_scale (the paper's
 0.1) x the learning rate, constant, with the BCE alone (no distillation, no divergence head: the
 reference's `head_div_mode: tr`). It trains what the reference trains (`freeze_ft: [sab]`): only the
-patch and position embeddings and the SABs stay frozen (in eval mode); the TAB, every task token and
-every head so far are fine-tuned. --no-dytox_finetune_tab keeps the TAB fixed, --no-dytox_finetune_old
+encoder (patch or word embeddings, positions, SABs) stays frozen (in eval mode); the TAB, every task token
+and every head so far are fine-tuned. Afterwards every parameter is trainable again exactly if it was
+before (a frozen encoder stays frozen). --no-dytox_finetune_tab keeps the TAB fixed, --no-dytox_finetune_old
 the earlier tasks' tokens and heads. docs/results/dytox.md has what each choice measured.
+
+Text memories are rows of the tokenised train splits; every batch drawn from them (training, herding,
+fine-tuning) goes through the engine's collate, which pads it, and the key mask keeps the padding out.
 
 Scaled for a CPU and 8-32 px images: mmcl's `convit` defaults (width 192, depth 4 = 3 SABs + 1 TAB
 here, 3 heads, patch 4; the paper's CIFAR model is width 384, 5 + 1 blocks, 12 heads).
@@ -53,6 +76,9 @@ from torch import nn
 
 from mmcl.approaches import APPROACHES
 from mmcl.approaches.base import Approach, frozen_copy
+from mmcl.backbones.base import Backbone
+from mmcl.backbones.tokens import token_encoder
+from mmcl.backbones.vision import TimmConvitBackbone
 from mmcl.data.sequence import Task
 from mmcl.memory import Memory, MemoryOptions, herding_order
 from mmcl.optim import make_optimizer
@@ -75,13 +101,17 @@ class TaskAttentionBlock(nn.Module):
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, token: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        """token (B, 1, D), patches (B, N, D) -> the task embedding (B, 1, D)."""
-        B, N, D = patches.shape
-        h = self.norm1(torch.cat([token, patches], dim=1))
+    def forward(self, token: torch.Tensor, tokens: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """token (B, 1, D), the encoder's tokens (B, N, D), their key mask (B, N) (True: attend; None: all)
+        -> the task embedding (B, 1, D)."""
+        B, N, D = tokens.shape
+        h = self.norm1(torch.cat([token, tokens], dim=1))
         q = self.q(h[:, :1]).view(B, 1, self.heads, D // self.heads).transpose(1, 2)
         k, v = self.kv(h).view(B, N + 1, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, 1, D)
+        mask = None
+        if key_mask is not None:  # padding is never attended; the task token itself always is
+            mask = torch.cat([key_mask.new_ones(B, 1), key_mask], dim=1).bool()[:, None, None, :]
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, 1, D)
         token = token + self.proj(attended)
         return token + self.mlp(self.norm2(token))
 
@@ -91,19 +121,25 @@ def classifier(dim: int, n: int) -> nn.Module:
 
 
 class DyToxModel(nn.Module):
-    def __init__(self, backbone, layout: list[int], tab_in_depth: bool = True) -> None:
+    """The shared encoder (a TokenEncoder backbone), the TAB, and per task a token, a head and a divergence head."""
+
+    def __init__(self, backbone: Backbone, layout: list[int], tab_in_depth: bool = True) -> None:
         super().__init__()
-        encoder = backbone.model
-        if not hasattr(encoder, "local_up_to_layer"):
-            raise ValueError(f"--baseline dytox needs --backbone convit, got a {type(encoder).__name__}")
-        heads = encoder.blocks[0].attn.num_heads  # the TAB has as many heads as the encoder
-        if tab_in_depth:
-            # The TAB takes the place of the encoder's last block (the paper's depth counts it): `convit`
-            # builds --vit_depth - 1 gated-positional blocks and one plain one; the plain one goes. With
+        encoder = token_encoder(backbone)
+        heads = encoder.num_heads  # the TAB has as many heads as the encoder (read before a block goes)
+        self.depth: int | None = None  # encoder layers that run (None: all)
+        if tab_in_depth and encoder.modality == "image":
+            # The TAB takes the place of the encoder's last block (the paper's depth counts it); with
             # --vit_depth 1 no SAB is left (the TAB reads the embedded patches), as in the reference.
-            encoder.blocks = encoder.blocks[:len(encoder.blocks) - 1]
+            if isinstance(encoder, TimmConvitBackbone):
+                # `convit` builds --vit_depth - 1 gated-positional blocks and one plain one; the plain one is
+                # removed, not skipped, so the state dict (and convit DyTox checkpoints) has no keys of it
+                encoder.model.blocks = encoder.model.blocks[:len(encoder.model.blocks) - 1]
+            else:
+                self.depth = encoder.num_token_layers - 1
+        # text encoders keep every pre-trained layer and the TAB goes on top (see the module docstring)
         self.backbone = backbone
-        dim = encoder.embed_dim
+        dim = encoder.token_dim
         self.tab = TaskAttentionBlock(dim, heads)
         # one token per task, each its own parameter: earlier ones are frozen while later tasks train
         self.task_tokens = nn.ParameterList(nn.Parameter(torch.zeros(1, 1, dim)) for _ in layout)
@@ -114,25 +150,15 @@ class DyToxModel(nn.Module):
         self.layout = list(layout)
         self.offsets = np.cumsum([0] + self.layout).tolist()
 
-    @property
-    def sabs(self) -> nn.ModuleList:
-        """The encoder's self-attention blocks."""
-        return self.backbone.model.blocks
-
-    def patch_tokens(self, batch: dict) -> torch.Tensor:
-        m = self.backbone.model
-        x = m.patch_embed(batch["pixel_values"])
-        if m.use_pos_embed:
-            x = x + m.pos_embed
-        x = m.pos_drop(x)
-        for block in m.blocks:
-            x = block(x)
-        return x
+    def encoder_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The shared encoder's output tokens (B, N, D), before any final norm, and their key mask (B, N)
+        (None where nothing is padding)."""
+        return self.backbone.encode_tokens(batch, depth=self.depth, finish=False)
 
     def embeddings(self, batch: dict, tasks: list[int]) -> torch.Tensor:
         """Task embeddings (B, len(tasks), D) of the listed tasks' tokens."""
-        x = self.patch_tokens(batch)
-        return torch.cat([self.tab(self.task_tokens[j].expand(x.shape[0], -1, -1), x) for j in tasks], dim=1)
+        x, mask = self.encoder_tokens(batch)
+        return torch.cat([self.tab(self.task_tokens[j].expand(x.shape[0], -1, -1), x, mask) for j in tasks], dim=1)
 
     def logits(self, emb: torch.Tensor) -> torch.Tensor:
         """Concatenated logits of tasks 0..J-1 from their embeddings (B, J, D)."""
@@ -157,7 +183,8 @@ class DyToxOptions(MemoryOptions):
     title = "DyTox options"
     dytox_div_weight: float = option(0.1, "the divergence head's loss weight")
     dytox_finetune_epochs: int = option(20, "balanced fine-tuning epochs after each task > 0 (paper: 20)")
-    dytox_finetune_lr_scale: float = option(0.1, "its learning rate as a share of --learning_rate (paper: 5e-5 vs 5e-4)")
+    dytox_finetune_lr_scale: float = option(0.1, "its learning rate as a share of --learning_rate (paper: 5e-5 vs "
+                                                 "5e-4)")
     dytox_finetune_tab: bool = option(True, "the balanced fine-tuning trains the task-attention block (reference "
                                             "code; --no-dytox_finetune_tab: it stays fixed, mmcl before issue #20)")
     dytox_finetune_old: bool = option(True, "the balanced fine-tuning trains the earlier tasks' tokens and heads too "
@@ -168,7 +195,8 @@ class DyToxOptions(MemoryOptions):
                                        "icarl_token; mmcl before issue #20)")
     dytox_tab_in_depth: bool = option(True, "--vit_depth counts the task-attention block (paper: 5 SABs + 1 TAB "
                                             "at depth 6); --no-dytox_tab_in_depth adds it on top of --vit_depth "
-                                            "encoder blocks (mmcl before issue #20)")
+                                            "encoder blocks (mmcl before issue #20). Image encoders only: on a "
+                                            "text encoder the TAB always goes on top of every layer")
 
     def validate(self) -> None:
         super().validate()
@@ -176,7 +204,8 @@ class DyToxOptions(MemoryOptions):
         if self.dytox_finetune_epochs < 0 or self.dytox_div_weight < 0:
             raise ValueError("--dytox_finetune_epochs and --dytox_div_weight must be >= 0")
         if self.dytox_herding not in HERDING_FEATURES:
-            raise ValueError(f"--dytox_herding must be one of {', '.join(HERDING_FEATURES)}, got '{self.dytox_herding}'")
+            raise ValueError(f"--dytox_herding must be one of {', '.join(HERDING_FEATURES)}, "
+                             f"got '{self.dytox_herding}'")
 
 
 @APPROACHES.register("dytox")
@@ -184,8 +213,20 @@ class DyTox(Approach):
     name = "dytox"
     scenarios = ("cil", "til")
     uses_memory = True
-    modalities = ("image",)
+    modalities = ("text", "image")
     Options = DyToxOptions
+    requires = ("tokens",)  # the encoder's output tokens, for the task-attention block
+    why_not = {"towers": "DyTox runs the layers of one transformer encoder; `dual` has two towers, then shared "
+                         "blocks over pooled features"}
+
+    @classmethod
+    def modalities_for(cls, cfg) -> tuple[str, ...]:
+        # DyTox runs the layers of one transformer encoder itself; `dual` (two towers, then shared blocks over
+        # pooled features) is none, so it handles no task there and a mixed sequence fails before any data work
+        from mmcl.backbones import BACKBONES
+
+        on_dual = cfg.backbone in BACKBONES and BACKBONES.canonical(cfg.backbone) == "dual"
+        return () if on_dual else cls.modalities
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         super().__init__(backbone, seq, scenario, cfg)
@@ -284,7 +325,7 @@ class DyTox(Approach):
     def finetuned_parameters(self, task: Task) -> list[nn.Parameter]:
         """What the balanced fine-tuning after `task` trains: the reference's `freeze_ft: [sab]` leaves the
         TAB, every task token and every head trainable (tokens and heads of tasks not seen yet are not in the
-        loss). The patch and position embeddings and the SABs stay fixed; so does the divergence head, which
+        loss). The encoder (its token embedding and SABs) stays fixed; so does the divergence head, which
         the reference uses only while a task trains (`head_div_mode: tr`)."""
         m = self.model
         tasks = range(task.id + 1) if self.opts.dytox_finetune_old else [task.id]
@@ -296,6 +337,9 @@ class DyTox(Approach):
     def balanced_finetune(self, task: Task) -> None:
         """The TAB, the task tokens and the heads on the class-balanced memory (see `finetuned_parameters`)."""
         m = self.model
+        # what trains afterwards is what trained before (a frozen encoder stays frozen; before_task then
+        # sets the tokens and heads of the next task)
+        was_trainable = [(p, p.requires_grad) for p in m.parameters()]
         m.requires_grad_(False)
         params = self.finetuned_parameters(task)
         for p in params:
@@ -323,8 +367,10 @@ class DyTox(Approach):
                     logits = m.logits(m.embeddings(batch, list(range(task.id + 1)))).float()
                 loss = one_hot_bce(logits, self.global_targets(batch))
                 step(loss, {"task": f"{task.id} ({task.name})", "phase": "balanced fine-tuning",
-                            "epoch": f"{epoch + 1} of {self.opts.dytox_finetune_epochs}", "step": f"{i + 1} of {steps}"})
-        m.requires_grad_(True)  # before_task sets what the next task trains
+                            "epoch": f"{epoch + 1} of {self.opts.dytox_finetune_epochs}",
+                            "step": f"{i + 1} of {steps}"})
+        for p, trainable in was_trainable:
+            p.requires_grad_(trainable)
         m.train()
 
     # -- inference ------------------------------------------------------------------------------
@@ -337,7 +383,8 @@ class DyTox(Approach):
         logits = m.logits(m.embeddings(batch, list(range(seen))))
         total = m.offsets[-1]
         if logits.shape[-1] < total:  # classes not seen yet cannot be predicted
-            logits = torch.cat([logits, logits.new_full((logits.shape[0], total - logits.shape[-1]), float("-inf"))], -1)
+            unseen = logits.new_full((logits.shape[0], total - logits.shape[-1]), float("-inf"))
+            logits = torch.cat([logits, unseen], -1)
         return logits
 
     def extra_state(self) -> dict:

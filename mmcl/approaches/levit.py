@@ -332,6 +332,8 @@ class LEViT(OnlineApproach):
     name = "levit"
     uses_memory = True
     Options = LEViTOptions
+    # it builds its own model from the image shape (the --backbone is not used)
+    why_not = {"text": "LEViT's VAEs score pixels (its novelty test is a likelihood of images)"}
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
         super().__init__(backbone, seq, scenario, cfg)

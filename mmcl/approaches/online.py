@@ -152,6 +152,7 @@ class OnlineApproach(Approach):
 
     scenarios = ("online",)
     modalities = ("image",)
+    why_not = {"text": "the online learners' memory and stream hold image tensors (no tokenised text yet)"}
     Options = OnlineOptions
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:

@@ -136,7 +136,7 @@ def _tower(cfg, spec: BackboneSpec, flag: str, modality: str) -> Backbone:
 DUAL_NAMES = ("dual", "text_vision")
 
 
-@BACKBONES.register("dual", aliases=("text_vision",), options=DualOptions)
+@BACKBONES.register("dual", aliases=("text_vision",), options=DualOptions, modalities=("text", "image"), towers=True)
 def dual(cfg, spec: BackboneSpec) -> DualBackbone:
     """Towers only for the modalities the sequence has (no MiniLM loaded for an image-only sequence)."""
     o = DualOptions.from_values(cfg.options)

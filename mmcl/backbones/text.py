@@ -121,6 +121,10 @@ class BertEncoder(TokenEncoder, Backbone):
     def num_token_layers(self) -> int:
         return len(self.core.encoder.layer)
 
+    @property
+    def num_heads(self) -> int:
+        return self.core.config.num_attention_heads
+
     def embed_tokens(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.core.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids"))
         return x, inputs["attention_mask"].bool()
@@ -219,21 +223,22 @@ def _text_backbone_check(cfg, spec: BackboneSpec) -> None:
         raise ValueError(f"--backbone {cfg.backbone} encodes text; task sequence '{cfg.task}' has no text tasks")
 
 
-@BACKBONES.register("bert", options=BertOptions)
+@BACKBONES.register("bert", options=BertOptions, modalities=("text",), provides=("tokens", "insert", "prefix"))
 def bert(cfg, spec: BackboneSpec) -> BertEncoder:
     _text_backbone_check(cfg, spec)
     o = BertOptions.from_values(cfg.options)
     return BertEncoder(o.bert_model, o.max_seq_length, o.pooling, trainable=True, dropout=o.bert_dropout)
 
 
-@BACKBONES.register("bert_frozen", options=BertOptions)
+@BACKBONES.register("bert_frozen", options=BertOptions, modalities=("text",), provides=("tokens", "insert", "prefix"))
 def bert_frozen(cfg, spec: BackboneSpec) -> BertEncoder:
     _text_backbone_check(cfg, spec)
     o = BertOptions.from_values(cfg.options)
     return BertEncoder(o.bert_model, o.max_seq_length, o.pooling, trainable=False, dropout=o.bert_dropout)
 
 
-@BACKBONES.register("bert_adapter", options=BertAdapterOptions)
+@BACKBONES.register("bert_adapter", options=BertAdapterOptions, modalities=("text",),
+                    provides=("tokens", "insert", "prefix", "adapter_sites"))
 def bert_adapter(cfg, spec: BackboneSpec) -> BertAdapterEncoder:
     _text_backbone_check(cfg, spec)
     o = BertAdapterOptions.from_values(cfg.options)
@@ -241,7 +246,7 @@ def bert_adapter(cfg, spec: BackboneSpec) -> BertAdapterEncoder:
                               o.bert_adapter_form)
 
 
-@BACKBONES.register("bert_lora", options=BertLoraOptions)
+@BACKBONES.register("bert_lora", options=BertLoraOptions, modalities=("text",), provides=("tokens", "insert", "prefix"))
 def bert_lora(cfg, spec: BackboneSpec) -> BertEncoder:
     _text_backbone_check(cfg, spec)
     from peft import LoraConfig, get_peft_model

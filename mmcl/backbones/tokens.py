@@ -35,15 +35,21 @@ class TokenEncoder:
     """Mixin for a `Backbone` that is a stack of transformer layers over tokens.
 
     A subclass defines `token_dim`, `lead_tokens` (tokens before the content, e.g. 1 for [CLS]),
-    `supports_prefix`, `num_token_layers` and the four methods below."""
+    `supports_prefix`, `num_token_layers`, `num_heads` and the four methods below."""
 
     token_dim: int = 0
     lead_tokens: int = 0
     supports_tokens: bool = True  # False where a backbone class only sometimes is one (a timm CNN)
     supports_prefix: bool = True
+    supports_insert: bool = True  # extra tokens between the lead tokens and the content (L2P)
 
     @property
     def num_token_layers(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_heads(self) -> int:
+        """Attention heads of the layers (DyTox's task-attention block takes as many)."""
         raise NotImplementedError
 
     def embed_tokens(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -68,6 +74,8 @@ class TokenEncoder:
         """Output tokens and key mask; prefixes by layer index; `insert` (B, P, D) goes right after the lead
         tokens (no position embedding); only the first `depth` layers run when given (DyTox's encoder)."""
         x, mask = self.embed_tokens(inputs)
+        if insert is not None and not self.supports_insert:
+            raise ValueError(f"{type(self).__name__} cannot take extra tokens")
         if insert is not None:
             n = self.lead_tokens
             x = torch.cat([x[:, :n], insert.to(x.dtype), x[:, n:]], dim=1)
@@ -81,8 +89,9 @@ class TokenEncoder:
         return (self.finish_tokens(x) if finish else x), mask
 
 
-def token_encoder(backbone, flag: str = "--backbone", prefix: bool = False) -> TokenEncoder:
-    """`backbone` if it is a TokenEncoder (taking prefixes when `prefix`), else an error naming the flag."""
+def token_encoder(backbone, flag: str = "--backbone", prefix: bool = False, insert: bool = False) -> TokenEncoder:
+    """`backbone` if it is a TokenEncoder (taking prefixes / extra tokens when asked), else an error naming the
+    flag."""
     if not (isinstance(backbone, TokenEncoder) and backbone.supports_tokens):
         raise ValueError(f"{flag}: this method runs the layers of a transformer encoder itself; "
                          f"{type(backbone).__name__} is not one (use vit, bert, bert_frozen or a Hugging Face "
@@ -91,4 +100,8 @@ def token_encoder(backbone, flag: str = "--backbone", prefix: bool = False) -> T
         raise ValueError(f"{flag}: prompts go inside self-attention, and {type(backbone).__name__}'s blocks have "
                          f"no standard attention to put them in (use vit, bert, bert_frozen or a Hugging Face "
                          f"BERT-family id; convit's gated positional attention is not supported)")
+    if insert and not backbone.supports_insert:
+        raise ValueError(f"{flag}: prompt tokens go between [CLS] and the content, and {type(backbone).__name__} "
+                         f"cannot take extra tokens (use vit, bert, bert_frozen or a Hugging Face BERT-family id; "
+                         f"convit's gated positional attention has one position per patch)")
     return backbone

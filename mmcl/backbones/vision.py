@@ -64,6 +64,10 @@ class TimmVisionBackbone(TokenEncoder, Backbone):
     def num_token_layers(self) -> int:
         return len(self.model.blocks)
 
+    @property
+    def num_heads(self) -> int:
+        return self.model.blocks[0].attn.num_heads  # timm's Attention and ConViT's GPSA/MHSA alike
+
     def embed_tokens(self, inputs: dict) -> tuple[torch.Tensor, None]:
         vit = self.model
         x = vit._pos_embed(vit.patch_embed(inputs["pixel_values"]))
@@ -108,6 +112,7 @@ class TimmConvitBackbone(TimmVisionBackbone):
     block, with no [CLS] (what DyTox's encoder is)."""
 
     supports_prefix = False
+    supports_insert = False  # its relative position indices are sized to the patches
     supports_tokens = True
 
     def __init__(self, model: torch.nn.Module, image_shape: tuple[int, ...]) -> None:
@@ -202,14 +207,14 @@ def load_vision_weights(model: torch.nn.Module, path: Path) -> None:
         )
 
 
-@BACKBONES.register("vit", options=VitOptions)
+@BACKBONES.register("vit", options=VitOptions, modalities=("image",), provides=("tokens", "insert", "prefix"))
 def vit(cfg, spec: BackboneSpec) -> TimmVisionBackbone:
     o = VitOptions.from_values(cfg.options)
     return _timm_model("vit_tiny_patch16_224", cfg, spec, embed_dim=o.vit_embed_dim, depth=o.vit_depth,
                        num_heads=o.vit_heads)
 
 
-@BACKBONES.register("convit", options=VitOptions)
+@BACKBONES.register("convit", options=VitOptions, modalities=("image",), provides=("tokens",))
 def convit(cfg, spec: BackboneSpec) -> TimmVisionBackbone:
     # timm's ConViT multiplies embed_dim by num_heads; pass the per-head width so the flag means total width.
     o = VitOptions.from_values(cfg.options)
@@ -254,7 +259,8 @@ class VitAdapterOptions(VitOptions):
         positive(self, "vit_adapter_size")
 
 
-@BACKBONES.register("vit_adapter", options=VitAdapterOptions)
+@BACKBONES.register("vit_adapter", options=VitAdapterOptions, modalities=("image",),
+                    provides=("tokens", "insert", "prefix", "adapter_sites"))
 def vit_adapter(cfg, spec: BackboneSpec) -> TimmAdapterBackbone:
     o = VitAdapterOptions.from_values(cfg.options)
     plain = vit(cfg, spec)  # the same ViT `vit` builds, `--pretrained` weights loaded before the sites go in

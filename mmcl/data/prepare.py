@@ -45,7 +45,7 @@ def check_modalities(cfg, seq: TaskSequence, handled: tuple[str, ...], backbone=
     """Every task's modality is one the approach handles (and, given one, the backbone accepts)."""
     bad = [f"{t.name} ({t.modality})" for t in seq if t.modality not in handled]
     if bad:
-        raise ValueError(f"--baseline {cfg.baseline} handles {', '.join(handled)} tasks on --backbone "
+        raise ValueError(f"--baseline {cfg.baseline} handles {', '.join(handled) or 'no'} tasks on --backbone "
                          f"{cfg.backbone}, not tasks {bad}")
     if backbone is None:
         return
