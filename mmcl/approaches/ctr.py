@@ -31,6 +31,15 @@ earlier tasks' outputs may drift through the KSM; tasks > t get no gradient. BER
 its LayerNorms, which train unmasked as in PyContinual (HAT's options, hat.py: the preset `ctr_cpu`
 freezes them and binarises the gates, as `hat_exact` does for HAT).
 
+Domain-incremental (`--scenario dil`, one shared head): training is TIL's; at test time, with no task id,
+HAT's `--hat_dil_mask` (hat.py) chooses a task j and the whole site runs as for task j: the TSM under
+j's gates and the KSM routing over tasks <= j with j's votes as the current task's (`last`: j the latest
+learned task; `confident`: per example, the j whose prediction has the lowest entropy). `union` puts
+every TSM gate at the union of the learned tasks' gates and routes as the latest learned task, whose
+routing already reads every learned task's capsules. PyContinual's CTR (`bert_adapter_capsule_mask`)
+reads neither `--last_id` nor `--ent_id`: its DIL evaluation runs each test set under that test set's
+own task id, which a domain-incremental learner is not told; mmcl does not copy that.
+
 The defaults are PyContinual's: the KSM learns at the full learning rate and its up-projection has
 nn.Linear's initialisation. The preset `ctr_cpu` (configs/presets/ctr_cpu.yaml) is our tuning for
 runs sized for a CPU (lr 1e-3, a few epochs), where the KSM, the one unmasked path by which a new task
@@ -255,11 +264,19 @@ class CtrOptions(HatOptions):
 
 @APPROACHES.register("ctr")
 class CTR(Hat):
-    """HAT's machinery (hat.py) over the TSMs, plus the knowledge-sharing module at every site."""
+    """HAT's machinery (hat.py) over the TSMs, plus the knowledge-sharing module at every site.
+
+    TIL, or DIL with `--hat_dil_mask` choosing the task a test example is routed and gated as (module
+    docstring); the option is HAT's (`CtrOptions` extends `HatOptions`)."""
 
     name = "ctr"
     Options = CtrOptions
     masks_dual_text_tower = False  # its routing reads text attention masks: text backbones only
+    tower_use = "none"
+    why_not = {"image": "CTR's task-similarity routing convolves over a sentence's real tokens (its attention "
+                        "mask); on a raster of patches it was not tried",
+               "towers": "CTR's routing reads text attention masks, and on `dual` image tasks would go through "
+                         "unmasked shared layers"}
     # The similarity estimator convolves over each example's real tokens (the text attention mask) with
     # kernels of 3-5 tokens: on image patches the routing would run, but on a patch sequence in raster
     # order whose neighbours are not a sentence's; not tried, so CTR stays a text method

@@ -16,7 +16,26 @@ tasks < t. After backward (`HatMasks.block_gradients`), the gradient of each wei
 multiplied by 1 - min(M_out, M_in) (an unmasked input counts as used, so 1 - M_out), of each
 bias by 1 - M_out; the embedding gradients are compensated for the annealing; after the step
 the embeddings are clamped to +-thres_emb. After the task, M = max(M, sigmoid(smax * e_t)).
-Test time: s = smax and the given task id.
+Test time: s = smax and the given task id (TIL).
+
+Domain-incremental (`--scenario dil`, mmcl's extension: the HAT paper is TIL only). One shared head
+(the scenario's layout); training is unchanged (the engine knows the task, so each task trains under its
+own mask, with the same regulariser, gradient blocking and consolidation). At test time no task id is
+given, and `--hat_dil_mask` decides whose gates to apply; the learned tasks are the masked tasks trained
+so far, the one in training included (so `--select_best`'s valid scores use it):
+- `last` (default): the gates of the most recently learned task. Its mask may reuse the units of every
+  earlier task (their weights frozen), so it is the one mask that could draw on all of them.
+- `confident`: every learned task's gates in turn; per example, the prediction of the task whose
+  softmax has the lowest entropy. Costs one forward pass per learned task.
+- `union`: one pass with every gate at the union (elementwise max) of the learned tasks' gates at smax,
+  i.e. HAT's cumulative mask M: every unit any task uses is on. No task was trained under this mask, so
+  it is a heuristic (cheap: one pass), offered to be measured, not a guarantee.
+Before any task is learned (the untrained row for FWT) every rule applies task 0's gates, as TIL does
+for task 0. PyContinual (`bert_adapter_mask`) has two opt-in flags and no default (with neither, its
+DIL evaluation fails): `--last_id`, the last trained task's mask (our `last`), and `--ent_id`, the task
+whose outputs have the lowest entropy summed over the whole *batch*, one task per batch (ours chooses
+per example: an example's prediction must not depend on its batchmates, and mmcl's `predict` has no
+notion of a batch being one domain).
 
 On `--backbone dual` (text and image tasks) the masks go on the adapters of its text tower
 (`--text_backbone bert_adapter`): HAT is a method for adapters, and the vision tower has none.
@@ -59,6 +78,8 @@ from mmcl.options import Options, option, positive
 
 # sigmoid(+-120) is exactly 1 / 0 in float32 and bfloat16: the logit a binarised gate is pushed to
 SNAP_LOGIT = 120.0
+# --hat_dil_mask: whose gates a DIL prediction (no task id) applies; the Hat docstring says what each means
+DIL_MASK_RULES = ("last", "confident", "union")
 
 
 @dataclass
@@ -67,6 +88,8 @@ class HatContext:
 
     task: int = 0
     s: float = 1.0
+    # tasks whose gates are combined (elementwise max) instead of `task`'s: `--hat_dil_mask union`
+    union: tuple[int, ...] | None = None
 
 
 def annealed_s(progress: Progress, smax: float) -> float:
@@ -89,6 +112,8 @@ class HatGate(nn.Module):
         return torch.sigmoid(s * self.embedding.weight[task])
 
     def forward(self) -> torch.Tensor:
+        if self.ctx.union is not None:
+            return torch.stack([self.mask(t, self.ctx.s) for t in self.ctx.union]).amax(0)
         return self.mask(self.ctx.task, self.ctx.s)
 
 
@@ -244,24 +269,40 @@ class HatOptions(Options):
     use_gelu: bool = option(False, "GELU in the masked adapters (PyContinual's default: ReLU)")
     hat_train_layernorm: bool = option(True, "train the encoder's LayerNorms with the plug-ins, unmasked and shared "
                                              "by all tasks, as PyContinual (preset hat_exact: frozen)")
+    hat_dil_mask: str = option("last", "--scenario dil, no task id at test time: whose gates to apply. last: the "
+                                       "latest learned task's (PyContinual --last_id); confident: per example, the "
+                                       "learned task whose prediction has the lowest entropy (PyContinual --ent_id "
+                                       "picks one per batch); union: every unit any learned task uses (HAT's "
+                                       "cumulative mask). Ignored in TIL (default: last)")
 
     def validate(self) -> None:
         positive(self, "smax", "thres_cosh", "thres_emb")
         if self.hat_c < 0:
             raise ValueError(f"--hat_c must be >= 0, got {self.hat_c}")
+        if self.hat_dil_mask not in DIL_MASK_RULES:
+            raise ValueError(f"--hat_dil_mask must be one of {', '.join(DIL_MASK_RULES)}, got '{self.hat_dil_mask}'")
 
 
 @APPROACHES.register("hat")
 class Hat(Approach):
-    """HAT-masked adapters at every adapter site of `bert_adapter` or `vit_adapter`; TIL with per-task heads."""
+    """HAT-masked adapters at every adapter site of `bert_adapter` or `vit_adapter`.
+
+    TIL: per-task heads, each test batch under its task's gates. DIL (mmcl's extension): one shared head,
+    and at test time, with no task id, `--hat_dil_mask` picks the gates (module docstring): `last` the
+    latest learned task's, `confident` per example the learned task with the lowest-entropy prediction,
+    `union` the union of the learned tasks' gates. PyContinual offers `last` and a per-batch form of
+    `confident`, with no default; ours is `last`.
+    """
 
     name = "hat"
     Options = HatOptions
-    scenarios = ("til",)
-    needs_task_id = True
+    scenarios = ("til", "dil")
+    needs_task_id = False  # TIL gives it; in DIL `--hat_dil_mask` chooses the gates without it
     modalities = ("text", "image")  # whatever the adapter backbone encodes: bert_adapter text, vit_adapter images
 
     masks_dual_text_tower: bool = True  # on `--backbone dual`: mask the text tower, train images unmasked
+    requires = ("adapter_sites",)
+    tower_use = "text"  # (the compatibility matrix's reading of masks_dual_text_tower)
     adapter_backbones: tuple[str, ...] = ("bert_adapter", "vit_adapter")  # named in the error message
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
@@ -274,6 +315,9 @@ class Hat(Approach):
         self.hat = HatMasks(self.model, self.opts.smax, self.opts.thres_cosh, self.opts.thres_emb)
         self._s = float(self.opts.smax)
         self.binarized_units: list[int] = []  # per task, how many gates `hat_binarize` changed
+        # the masked tasks whose training has begun, in order: the gates a DIL prediction may apply
+        self.learned_tasks: list[int] = []
+        self.last_dil_choice: torch.Tensor | None = None  # `confident`: the task chosen per example, last batch
 
     # -- construction ------------------------------------------------------------------------
     def build_model(self, backbone) -> nn.Module:
@@ -318,6 +362,11 @@ class Hat(Approach):
         self.ctx.s = s
 
     # -- hooks ---------------------------------------------------------------------------
+    def before_task(self, task: Task) -> None:
+        super().before_task(task)
+        if self.masked(task) and task.id not in self.learned_tasks:
+            self.learned_tasks.append(task.id)
+
     def training_step(self, batch: dict, task: Task) -> torch.Tensor:
         s = annealed_s(self.progress, self.opts.smax)
         self._s = s
@@ -348,11 +397,48 @@ class Hat(Approach):
 
     @torch.no_grad()
     def predict(self, batch: dict, task_id: int | None) -> torch.Tensor:
+        """Logits under task `task_id`'s gates; without a task id (DIL), under `--hat_dil_mask`'s choice.
+
+        On a shared head (DIL) a given `task_id` only picks the gates: the head is the same for every task."""
+        if task_id is None:
+            return self.predict_without_task(batch)
         self.set_context(task_id, float(self.opts.smax), batch)
         return self.model(batch, task_id)
 
+    def dil_candidates(self) -> list[int]:
+        """The tasks whose gates a DIL prediction may apply, latest last; task 0 before any is learned."""
+        return list(self.learned_tasks) or [0]
+
+    def predict_without_task(self, batch: dict) -> torch.Tensor:
+        rule, tasks = self.opts.hat_dil_mask, self.dil_candidates()
+        if rule == "last" or len(tasks) == 1:
+            return self.predict(batch, tasks[-1])
+        if rule == "union":
+            # `task` is the latest learned one for whatever reads it besides the gates (CTR's routing)
+            self.set_context(tasks[-1], float(self.opts.smax), batch)
+            self.ctx.union = tuple(tasks)
+            try:
+                return self.model(batch, None)
+            finally:
+                self.ctx.union = None  # training and TIL use their own task's gates
+        if rule == "confident":
+            logits = torch.stack([self.predict(batch, t) for t in tasks])  # (tasks, B, classes)
+            # entropy rather than the top probability: it is PyContinual's criterion (--ent_id) and reads the
+            # whole distribution; on a binary head (DSC, ASC's 2-class tasks) the two order tasks alike.
+            # entr(0) = 0: an output masked to -inf adds nothing (where p * log p would be nan)
+            entropy = torch.special.entr(torch.softmax(logits.float(), dim=-1)).sum(-1)  # (tasks, B)
+            pick = entropy.argmin(0)  # ties: the earliest task
+            self.last_dil_choice = torch.tensor(tasks, device=pick.device)[pick]
+            return logits[pick, torch.arange(logits.shape[1], device=logits.device)]
+        raise ValueError(f"--hat_dil_mask must be one of {', '.join(DIL_MASK_RULES)}, got '{rule}'")
+
     def extra_state(self) -> dict:
-        return {"binarized_units": self.binarized_units}
+        state: dict = {"binarized_units": self.binarized_units}
+        if not self.scenario.task_id_at_test:
+            # which tasks' gates DIL predictions choose among; TIL needs none, and its state stays as it was
+            state["learned_tasks"] = list(self.learned_tasks)
+        return state
 
     def load_extra_state(self, state: dict) -> None:
         self.binarized_units = list(state.get("binarized_units", []))
+        self.learned_tasks = [int(t) for t in state.get("learned_tasks", [])]
