@@ -10,7 +10,7 @@ LAYERS = [
     {"atomic", "engine_errors", "registry", "options", "stream", "metrics"},
     {"config", "memory", "heads", "data", "backbones"},
     {"approaches", "optim"},
-    {"evaluation", "rundir", "reporting", "devices", "flags"},
+    {"evaluation", "rundir", "reporting", "devices", "flags", "compat"},
     {"engine"},
     {"hub", "cli", "__init__"},
 ]
