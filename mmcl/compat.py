@@ -22,7 +22,6 @@ docs/compat.md (scripts/render_docs.py writes it; its check fails when the page 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
 
 SCENARIO_NAMES = ("til", "dil", "cil", "online")
 CAPABILITIES = {
@@ -95,18 +94,15 @@ def verdict(backbone: str, approach: str, scenario: str) -> str | None:
     return None
 
 
-# Every cell a fast test runs (tests/test_compat.py). The rule picks, for each approach, every backbone it
-# allows (in one scenario, rotating through its scenarios so each gets backbones) and every scenario it allows
-# on its first backbone; `EXTRA` adds single cells worth their own run.
-EXTRA: tuple[Cell, ...] = ()
-
-
 def allowed_cells() -> list[Cell]:
     return [Cell(b, a, s) for a in approach_names() for b in backbone_names() for s in SCENARIO_NAMES
             if verdict(b, a, s) is None]
 
 
 def smoke_cells() -> list[Cell]:
+    """Every cell a fast test runs (tests/test_compat.py): for each approach, every backbone it allows (in one
+    scenario, rotating through its scenarios so that each gets backbones) and every scenario it allows on its
+    first backbone."""
     allowed = allowed_cells()
     chosen: list[Cell] = []
     for a in approach_names():
@@ -120,7 +116,7 @@ def smoke_cells() -> list[Cell]:
         for i, b in enumerate(backbones[1:]):
             options = [s for s in scenarios if Cell(b, a, s) in mine]
             chosen.append(Cell(b, a, options[(i + 1) % len(options)]))
-    return sorted(set(chosen) | set(EXTRA), key=lambda c: (c.approach, c.backbone, SCENARIO_NAMES.index(c.scenario)))
+    return sorted(set(chosen), key=lambda c: (c.approach, c.backbone, SCENARIO_NAMES.index(c.scenario)))
 
 
 def matrix() -> dict[Cell, str]:
@@ -164,7 +160,3 @@ def markdown(cells: dict[Cell, str] | None = None) -> str:
               f"are left out of the cells).", ""]
     lines += [f"{n}. {why}" for why, n in reasons.items()]
     return "\n".join(lines) + "\n"
-
-
-def describe(cells: Iterable[Cell]) -> list[str]:
-    return [f"{c.approach} on {c.backbone} ({c.scenario})" for c in cells]
