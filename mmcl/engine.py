@@ -73,9 +73,14 @@ class Engine:
         self.spec = backbone_spec(self.seq)
         self.backbone = build_backbone(cfg, self.spec)
         check_modalities(cfg, self.seq, approach_cls.modalities_for(cfg), self.backbone)
+        # seconds per task: data preparation (this process's: a resumed run prepares again), training and the
+        # evaluation after it (every task's split); `untrained` is FWT's evaluation before the first task
+        self.seconds: dict[str, Any] = {"prepare": [], "train": [], "evaluate": [], "untrained": None}
         with acc.main_process_first():
             for task in self.seq:
+                t0 = time.perf_counter()
                 prepare_task(task, self.backbone, self.scenario)
+                self.seconds["prepare"].append(round(time.perf_counter() - t0, 3))
         self.collate = Collator(self.backbone)
         if not self.scenario.task_boundaries and acc.num_processes > 1:
             raise ValueError(f"--scenario {self.scenario.name} is one stream seen in order: run it in one process "
@@ -179,7 +184,7 @@ class Engine:
 
     def meta(self) -> dict[str, Any]:
         return run_meta(self.cfg, self.seq, self.spec, self.approach, self.accelerator.num_processes, self.minutes,
-                        self.history)
+                        self.history, self.seconds)
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint of this run must match."""
@@ -189,7 +194,8 @@ class Engine:
     def checkpoint(self, t: int) -> None:
         if self.cfg.save_checkpoints:
             state = {"task": t, **self.identity(), "extra": self.approach.extra_state(),
-                     "matrix": self.matrix.to_dict(), "minutes": self.minutes}
+                     "matrix": self.matrix.to_dict(), "minutes": self.minutes,
+                     "seconds": {k: self.seconds[k] for k in ("train", "evaluate", "untrained")}}
             self.rundir.save_checkpoint(t, self.accelerator.unwrap_model(self.approach), state)
 
     def restore(self) -> int:
@@ -203,6 +209,7 @@ class Engine:
             load_approach_weights(self.accelerator.unwrap_model(self.approach), path / "model.safetensors")
             self.matrix = AccuracyMatrix.from_dict(state["matrix"])
             self.minutes = list(state.get("minutes", []))
+            self.seconds.update(state.get("seconds", {}))
             start = state["task"] + 1
         self.history.append({"event": "resumed", "from_task": start, "changed": self.resume_changes})
         return start
@@ -225,7 +232,9 @@ class Engine:
         start = self.restore() if self.cfg.resume else 0
         if start == 0 and not self.scenario.global_labels:
             # b_u for FWT: the untrained model on each task (not defined for CIL: unseen classes cannot be predicted)
+            t0 = time.perf_counter()
             self.matrix.baseline = np.array(self.evaluate_all()[0], dtype=float)
+            self.seconds["untrained"] = round(time.perf_counter() - t0, 3)
         # a task-free scenario streams each task's examples to the learner with the task hidden; the rows of
         # the accuracy matrix are still filled, and checkpoints written, at the (hidden) task boundaries
         learn = self.train_task if self.scenario.task_boundaries else self.train_stream
@@ -234,7 +243,10 @@ class Engine:
                 t0 = time.time()
                 learn(task)
                 self.minutes.append(round((time.time() - t0) / 60, 4))
+                self.seconds["train"].append(round(time.time() - t0, 3))
+                t1 = time.perf_counter()
                 acc_row, f1_row, til_row = self.evaluate_all()
+                self.seconds["evaluate"].append(round(time.perf_counter() - t1, 3))
                 self.matrix.set_row(task.id, acc_row, f1_row, til_row)
                 self.log({"event": "task_done", "task": task.id, "acc": acc_row, "macro_f1": f1_row, "til_acc": til_row})
                 # drawing the heatmap takes 0.3-1 s: after every task of a run whose tasks take minutes, but only

@@ -73,12 +73,15 @@ _META_LABELS = [
     ("task_sequence", "Task sequence"), ("tasks", "Tasks"), ("modalities", "Modalities"),
     ("backbone", "Backbone"), ("approach", "Approach"), ("scenario", "Scenario"), ("seed", "Seed"),
     ("idrandom", "Task order (idrandom)"), ("num_processes", "Processes"), ("mixed_precision", "Mixed precision"),
-    ("parameters", "Parameters"), ("trainable_parameters", "Trainable parameters"), ("minutes", "Minutes"),
-    ("minutes_per_task", "Minutes per task"), ("mmcl_version", "mmcl version"),
+    ("parameters", "Parameters"), ("trainable_parameters", "Trainable parameters"), ("minutes", "Minutes (training)"),
+    ("minutes_per_task", "Minutes per task (training)"), ("seconds_total", "Seconds in all"),
+    ("mmcl_version", "mmcl version"),
 ]
 
 
 def _meta_value(key: str, v: Any) -> str:
+    if isinstance(v, dict):  # seconds_total: data preparation, training, evaluation, the untrained evaluation
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items() if x is not None)
     if isinstance(v, (list, tuple)):
         sep = " → " if key == "tasks" else ", "
         return sep.join(_fmt(x) if isinstance(x, float) else str(x) for x in v)
@@ -256,8 +259,12 @@ def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | os.PathLike,
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True, suffix=".png")
 
 
-def run_meta(cfg, seq, spec, approach, num_processes: int, minutes: list[float], history: list[dict]) -> dict[str, Any]:
-    """What metrics.json and results.md say about a run besides its matrices."""
+def run_meta(cfg, seq, spec, approach, num_processes: int, minutes: list[float], history: list[dict],
+             seconds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What metrics.json and results.md say about a run besides its matrices.
+
+    `minutes` counts training only; `seconds` splits the time per task into data preparation, training and
+    evaluation (plus FWT's evaluation of the untrained model), and `seconds_total` sums each."""
     from mmcl import __version__
 
     return {
@@ -268,6 +275,8 @@ def run_meta(cfg, seq, spec, approach, num_processes: int, minutes: list[float],
         "parameters": sum(p.numel() for p in approach.parameters()),
         "trainable_parameters": sum(p.numel() for p in approach.parameters_to_train() if p.requires_grad),
         "minutes_per_task": minutes, "minutes": round(sum(minutes), 3), "mmcl_version": __version__,
+        **({"seconds_per_task": seconds, "seconds_total": {
+            k: round(sum(v), 3) if isinstance(v, list) else v for k, v in seconds.items()}} if seconds else {}),
         **({"history": history} if history else {}),
     }
 

@@ -60,6 +60,12 @@ def test_metrics_json_rows_and_report_command(tmp_path, monkeypatch):
     assert acc.shape == (3, 3) and not np.isnan(acc).any()
     assert metrics["summary"]["acc_final"] == pytest.approx(acc[-1].mean())
     assert metrics["meta"]["approach"] == "lwf" and len(metrics["meta"]["minutes_per_task"]) == 3
+    seconds, meta = metrics["meta"]["seconds_per_task"], metrics["meta"]
+    assert [len(seconds[k]) for k in ("prepare", "train", "evaluate")] == [3, 3, 3]
+    assert all(v >= 0 for k in ("prepare", "train", "evaluate") for v in seconds[k]) and seconds["untrained"] > 0
+    # training seconds are the span `minutes` counts (rounded apart: to 4 decimals of a minute, 3 of a second)
+    assert seconds["train"] == pytest.approx([60 * m for m in meta["minutes_per_task"]], abs=0.01)
+    assert meta["seconds_total"]["evaluate"] == pytest.approx(sum(seconds["evaluate"]), abs=1e-6)
     (run_dir / "results.md").unlink()
     (run_dir / "accuracy_matrix.png").unlink()
     from mmcl.cli import main

@@ -268,7 +268,7 @@ def test_results_markdown_contains_numbers():
                                          "scenario": "cil", "minutes": 1.25, "classes": [["x"] * 500]},
                           groups={"text": [0, 2], "image": [1]})
     assert md.startswith("# toy run")
-    assert "**Backbone**: vit" in md and "**Approach**: ewc" in md and "**Minutes**: 1.25" in md
+    assert "**Backbone**: vit" in md and "**Approach**: ewc" in md and "**Minutes (training)**: 1.25" in md
     assert "x, x" not in md  # long containers in meta are not dumped
     assert "| after 0: a | 90.00 | 20.00 | 10.00 |" in md
     assert "| after 2: c | 60.00 | — | 80.00 |" in md
