@@ -180,3 +180,36 @@ def test_lr_reference_batch_scales_every_rate_with_the_global_batch(tmp_path, mo
     rates = sorted({g["initial_lr"] if "initial_lr" in g else g["lr"] for g in seen[0].param_groups})
     assert rates == pytest.approx([3e-3 / 4, 1e-2 / 4])  # one process, 16 / 64: backbone and heads alike
     assert engine.cfg.learning_rate == 3e-3  # what config.yaml records stays as given
+
+
+@pytest.mark.parametrize("baseline", ["replay", "dytox"])
+def test_cil_skips_tasks_whose_classes_cannot_be_predicted_yet_and_the_matrix_is_unchanged(tmp_path, monkeypatch,
+                                                                                            baseline):
+    """A CIL task not trained yet scores 0 (its classes are masked): the engine does not run the model on it."""
+    import mmcl.engine
+
+    real = mmcl.engine.evaluate
+
+    def matrices(name, skip):
+        engine = Engine(tiny_config(tmp_path, baseline=baseline, scenario="cil", run_name=name, num_train_epochs=1,
+                                    save_checkpoints=False, **({"backbone": "convit"} if baseline == "dytox" else {})),
+                        sequence=synthetic_image_sequence(num_tasks=3, n_train=16, n_test=8))
+        calls = []
+        monkeypatch.setattr(mmcl.engine, "evaluate", lambda a, loader, task, *r: (calls.append(task.id),
+                                                                                  real(a, loader, task, *r))[1])
+        engine.setup()
+        if not skip:  # the model run on every task, as before
+            monkeypatch.setattr(engine.approach, "predictable_classes", lambda: None)
+        for task in engine.seq:
+            engine.train_task(task)
+            engine.matrix.set_row(task.id, *engine.evaluate_all())
+        return engine.matrix, calls
+
+    skipped, calls = matrices("skip", True)
+    full, all_calls = matrices("full", False)
+    assert calls == [0, 0, 1, 0, 1, 2] and all_calls == [0, 1, 2] * 3
+    np.testing.assert_array_equal(skipped.acc, full.acc)
+    np.testing.assert_array_equal(skipped.f1, full.f1)
+    assert skipped.acc[0, 1:].tolist() == [0.0, 0.0] and np.isnan(skipped.til_acc[0, 1:]).all()
+    np.testing.assert_array_equal(skipped.til_acc[np.tril_indices(3)], full.til_acc[np.tril_indices(3)])
+    np.testing.assert_array_equal(skipped.examples, full.examples)

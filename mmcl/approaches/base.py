@@ -199,6 +199,16 @@ class Approach(nn.Module):
         """Logits in the scenario's label space; `task_id` is None unless the scenario gives it."""
         return self.model(batch, task_id)
 
+    def predictable_classes(self) -> int | None:
+        """With global labels (CIL): how many leading classes `predict` can output now, or None if unknown.
+
+        A shared head masks the outputs of classes not seen yet to -inf, so a task whose classes all lie
+        beyond them scores 0 accuracy and 0 macro-F1 without the model being run (the engine skips it)."""
+        heads = getattr(self.model, "heads", None)
+        if isinstance(heads, Heads) and not heads.per_task:
+            return heads.active
+        return None
+
     def parameters_to_train(self) -> Iterable[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 

@@ -387,6 +387,9 @@ class DyTox(Approach):
             logits = torch.cat([logits, unseen], -1)
         return logits
 
+    def predictable_classes(self) -> int:
+        return self.model.offsets[max(1, self.tasks_seen)]  # what `predict` leaves finite
+
     def extra_state(self) -> dict:
         return {"memory": self.memory.state_dict(), "tasks_seen": self.tasks_seen}
 
