@@ -45,8 +45,7 @@ class L2P(PromptApproach):
     name = "l2p"
     Options = L2POptions
 
-    uses_prefix = False  # prompt tuning: tokens after [CLS], not inside the attention
-    requires = ("tokens", "insert")
+    requires = ("tokens", "insert")  # prompt tuning: tokens after [CLS], not inside the attention
 
     def make_pool(self, encoder: TokenEncoder) -> nn.Module:
         pool, length, D = self.opts.l2p_pool_size, self.opts.l2p_length, encoder.token_dim

@@ -79,8 +79,8 @@ class PromptApproach(Approach, metaclass=ABCMeta):
     """Frozen encoder + prompts + the engine's heads; subclasses define `make_pool` and `prompt_features`."""
 
     modalities = ("text", "image")
-    # prefix-tuning methods put prompts inside self-attention (not possible in convit's gated attention)
-    uses_prefix: bool = True
+    # prefix tuning puts prompts inside self-attention (not possible in convit's gated attention); L2P's prompt
+    # tuning requires ("tokens", "insert") instead. The encoders are checked against this at construction.
     requires: tuple[str, ...] = ("prefix",)
     tower_use = "each"  # on `dual`, a prompt pool per tower
 
@@ -90,8 +90,8 @@ class PromptApproach(Approach, metaclass=ABCMeta):
         towers = backbone.towers_by_modality()
         tower_flags = {"text": "--text_backbone", "image": "--vision_backbone"}
         self.encoders: dict[str, TokenEncoder] = {
-            m: token_encoder(enc, "--backbone" if enc is backbone else tower_flags[m], prefix=self.uses_prefix,
-                             insert=not self.uses_prefix)
+            m: token_encoder(enc, "--backbone" if enc is backbone else tower_flags[m],
+                             prefix="prefix" in self.requires, insert="insert" in self.requires)
             for m, enc in towers.items()}
         self.pools = nn.ModuleDict({m: self.make_pool(enc) for m, enc in self.encoders.items()})
         # tasks learned so far (or being learned): which slices / e-prompts inference may use; saved with the weights
