@@ -34,7 +34,7 @@ class TimmVisionBackbone(TokenEncoder, Backbone):
         self.image_shape = tuple(image_shape)
         self.in_chans = image_shape[2] if len(image_shape) == 3 else 1
         self.feature_dim = model.num_features
-        self.token_dim = model.embed_dim
+        self.token_dim = getattr(model, "embed_dim", model.num_features)  # (a `--pretrained` CNN has no tokens)
         self.lead_tokens = getattr(model, "num_prefix_tokens", 0)
 
     def preprocess(self, dataset):
