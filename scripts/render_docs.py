@@ -118,6 +118,11 @@ def render_cell(row: dict[str, Any], col: dict[str, Any], spec_path: Path) -> st
     return text
 
 
+MINUTES_MARK = " †"
+MINUTES_NOTE = ("† training only (the kept run's `meta.minutes`: evaluation and data preparation not counted); "
+                "the other rows' minutes are as this page states them.")
+
+
 def render(spec_path: Path) -> str:
     """The markdown a table's JSON renders to (caption, table, notes), without the markers."""
     try:
@@ -134,14 +139,22 @@ def render(spec_path: Path) -> str:
         lines += [line, ""]
     lines.append("| " + " | ".join(c["header"] for c in cols) + " |")
     lines.append("|" + "|".join("---:" if c.get("align") == "right" else "---" for c in cols) + "|")
+    # a kept run's minutes are its meta.minutes, training only; rows transcribed from earlier tables may be
+    # wall times with the evaluation in: where one table has both, the kept runs' cells say so
+    kept = [bool(r.get("run")) for r in spec["rows"]]
+    mark = "metrics.minutes" in keys and any(kept) and not all(kept)
     for i, row in enumerate(spec["rows"]):
         unknown = set(row.get("bold", ())) - keys
         if unknown:
             raise TableError(f"{spec_path}: row {i} bolds {sorted(unknown)}, which no column shows")
         row = resolve(row, spec_path)
-        lines.append("| " + " | ".join(render_cell(row, c, spec_path) for c in cols) + " |")
+        cells = [render_cell(row, c, spec_path) + (MINUTES_MARK if mark and kept[i] and c["key"] == "metrics.minutes"
+                                                   else "") for c in cols]
+        lines.append("| " + " | ".join(cells) + " |")
     for note in spec.get("notes", []):
         lines += ["", note]
+    if mark:
+        lines += ["", MINUTES_NOTE]
     return "\n".join(lines)
 
 
