@@ -156,7 +156,8 @@ def test_a_row_reads_its_numbers_from_a_kept_metrics_json(tmp_path):
     assert ("| approach | ACC | BWT | text BWT while image | minutes | trainable params |\n"
             "|---|---:|---:|---:|---:|---:|\n"
             "| finetune | **75.00** | -7.73 | — | 18.9 |  |\n"
-            "| ewc | 82.05 | +0.03 | -0.25 | 3.1 | 1,930 |\n\na note\n<!-- /table -->\n\nafter\n") in page
+            "| ewc | 82.05 | +0.03 | -0.25 | 3.1 † | 1,930 |\n\na note\n\n"
+            + render_docs.MINUTES_NOTE + "\n<!-- /table -->\n\nafter\n") in page  # a kept run's minutes: training
     assert render_docs.main(["--check", "--root", str(root)]) == 0
 
     # an edit by hand is caught, and named
