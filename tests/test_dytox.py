@@ -45,6 +45,16 @@ def watch_finetuning(approach):
     return seen
 
 
+def train_two_tasks(engine) -> tuple[set, dict]:
+    """Tasks 0 and 1 trained: (the parameters that moved while task 1 trained, before its balanced fine-tuning;
+    `watch_finetuning`'s record of that fine-tuning)."""
+    engine.train_task(engine.seq[0])
+    before = snapshot(engine.approach.model)
+    seen = watch_finetuning(engine.approach)
+    engine.train_task(engine.seq[1])
+    return {n for n, p in seen["before_finetuning"].items() if not torch.equal(p, before[n])}, seen
+
+
 @pytest.mark.parametrize("flags", [{}, {"dytox_finetune_tab": False}, {"dytox_finetune_old": False}])
 def test_balanced_finetuning_trains_what_the_reference_trains(tmp_path, flags):
     """Default (reference `freeze_ft: [sab]`): the patch and position embeddings and the SABs frozen; the TAB,
@@ -57,13 +67,9 @@ def test_balanced_finetuning_trains_what_the_reference_trains(tmp_path, flags):
         assert (o.dytox_finetune_tab, o.dytox_finetune_old, o.dytox_finetune_lr_scale, o.dytox_herding,
                 o.dytox_tab_in_depth, o.dytox_div_weight) == (True, True, 0.1, "all", True, 0.1)
         assert type(o)().dytox_finetune_epochs == 20
-    engine.train_task(engine.seq[0])
-    before = snapshot(m)
-    seen = watch_finetuning(approach)
-    engine.train_task(engine.seq[1])
     # while task 1 trains, task 0's token and head stay fixed (the reference's freeze_task: [old_task_tokens,
     # old_heads]); the new token and head, the TAB and the encoder learn
-    trained_in_task = {n for n, p in seen["before_finetuning"].items() if not torch.equal(p, before[n])}
+    trained_in_task, seen = train_two_tasks(engine)
     assert not any(n.startswith(("task_tokens.0", "heads.0.")) for n in trained_in_task)
     for prefix in ("task_tokens.1", "heads.1.", "tab.", "backbone.model.blocks.0.", "backbone.model.blocks.1."):
         assert any(n.startswith(prefix) for n in trained_in_task), prefix
@@ -314,11 +320,7 @@ def test_dytox_runs_cil_on_vit_and_on_a_frozen_text_encoder(tmp_path, backbone):
     approach, m = engine.approach, engine.approach.model
     assert m.tab.heads == m.backbone.num_heads  # 2 (--vit_heads), 12 (MiniLM)
     start = snapshot(m)
-    engine.train_task(engine.seq[0])
-    before = snapshot(m)
-    seen = watch_finetuning(approach)
-    engine.train_task(engine.seq[1])
-    in_task = {n for n, p in seen["before_finetuning"].items() if not torch.equal(p, before[n])}
+    in_task, seen = train_two_tasks(engine)
     assert not any(n.startswith(("task_tokens.0", "heads.0.")) for n in in_task)
     assert {"task_tokens.1", "heads.1.1.weight", "tab.q.weight"} <= in_task
     assert {"task_tokens.0", "heads.0.1.weight"} <= seen["changed"]  # the fine-tuning trains every head so far
