@@ -35,7 +35,8 @@ class TokenEncoder:
     """Mixin for a `Backbone` that is a stack of transformer layers over tokens.
 
     A subclass defines `token_dim`, `lead_tokens` (tokens before the content, e.g. 1 for [CLS]),
-    `supports_prefix`, `num_token_layers`, `num_heads` and the four methods below."""
+    `supports_prefix`, `num_token_layers`, `num_heads` and the four methods below; one it lacks raises a
+    TypeError naming it, as `Backbone`'s required methods do (nn.Module cannot also be an ABC here)."""
 
     token_dim: int = 0
     lead_tokens: int = 0
@@ -45,20 +46,20 @@ class TokenEncoder:
 
     @property
     def num_token_layers(self) -> int:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define num_token_layers (a TokenEncoder)")
 
     @property
     def num_heads(self) -> int:
         """Attention heads of the layers (DyTox's task-attention block takes as many)."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define num_heads (a TokenEncoder)")
 
     def embed_tokens(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(tokens (B, N, D) before the first layer, key mask (B, N) bool or None when nothing is padding)."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define embed_tokens (a TokenEncoder)")
 
     def run_token_layer(self, i: int, x: torch.Tensor, key_mask: torch.Tensor | None,
                         prefix: Prefix | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define run_token_layer (a TokenEncoder)")
 
     def finish_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """What follows the last layer (a final norm); the identity by default."""
@@ -66,7 +67,7 @@ class TokenEncoder:
 
     def pool_tokens(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """The backbone's own pooling of finished tokens into (B, D) features."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define pool_tokens (a TokenEncoder)")
 
     def encode_tokens(self, inputs: dict, prefixes: dict[int, Prefix] | None = None,
                       insert: torch.Tensor | None = None, depth: int | None = None,
