@@ -271,8 +271,7 @@ class CTR(Hat):
 
     name = "ctr"
     Options = CtrOptions
-    masks_dual_text_tower = False  # its routing reads text attention masks: text backbones only
-    tower_use = "none"
+    tower_use = "none"  # its routing reads text attention masks: text backbones only, no `dual`
     why_not = {"image": "CTR's task-similarity routing convolves over a sentence's real tokens (its attention "
                         "mask); on a raster of patches it was not tried",
                "towers": "CTR's routing reads text attention masks, and on `dual` image tasks would go through "

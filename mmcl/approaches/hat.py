@@ -300,9 +300,8 @@ class Hat(Approach):
     needs_task_id = False  # TIL gives it; in DIL `--hat_dil_mask` chooses the gates without it
     modalities = ("text", "image")  # whatever the adapter backbone encodes: bert_adapter text, vit_adapter images
 
-    masks_dual_text_tower: bool = True  # on `--backbone dual`: mask the text tower, train images unmasked
     requires = ("adapter_sites",)
-    tower_use = "text"  # (the compatibility matrix's reading of masks_dual_text_tower)
+    tower_use = "text"  # on `--backbone dual`: mask the text tower, train images unmasked
     adapter_backbones: tuple[str, ...] = ("bert_adapter", "vit_adapter")  # named in the error message
 
     def __init__(self, backbone, seq, scenario, cfg) -> None:
@@ -324,13 +323,14 @@ class Hat(Approach):
         from mmcl.backbones.dual import DualBackbone
 
         encoder = backbone
-        if isinstance(backbone, DualBackbone) and self.masks_dual_text_tower and "text" in backbone.towers:
+        masks_text_tower = self.tower_use == "text"
+        if isinstance(backbone, DualBackbone) and masks_text_tower and "text" in backbone.towers:
             encoder = backbone.towers["text"]
         if not isinstance(encoder, AdapterSites) or encoder.modality not in self.modalities:
             raise ValueError(
                 f"--baseline {self.name} puts its plug-ins on the adapter sites of --backbone "
                 f"{' or '.join(self.adapter_backbones)}"
-                f"{' (or --backbone dual --text_backbone bert_adapter)' if self.masks_dual_text_tower else ''}; "
+                f"{' (or --backbone dual --text_backbone bert_adapter)' if masks_text_tower else ''}; "
                 f"got --backbone {self.cfg.backbone}"
                 + (f" with a {type(encoder).__name__} text tower" if isinstance(backbone, DualBackbone) else "")
             )
