@@ -92,7 +92,6 @@ class Engine:
         self.matrix = AccuracyMatrix(len(self.seq), [t.name for t in self.seq])
         if self.scenario.global_labels:
             self.matrix.til_acc = np.full((len(self.seq), len(self.seq)), np.nan)
-        self.minutes: list[float] = []
 
     def loader(self, dataset, batch_size: int, shuffle: bool, seed: int = 0):
         return make_loader(self.accelerator, self.collate, dataset, batch_size, shuffle, seed)
@@ -193,8 +192,8 @@ class Engine:
             self.rundir.log(record)
 
     def meta(self) -> dict[str, Any]:
-        return run_meta(self.cfg, self.seq, self.spec, self.approach, self.accelerator.num_processes, self.minutes,
-                        self.history, self.seconds)
+        return run_meta(self.cfg, self.seq, self.spec, self.approach, self.accelerator.num_processes,
+                        [round(s / 60, 4) for s in self.seconds["train"]], self.history, self.seconds)
 
     def identity(self) -> dict[str, Any]:
         """What a checkpoint of this run must match."""
@@ -204,7 +203,7 @@ class Engine:
     def checkpoint(self, t: int) -> None:
         if self.cfg.save_checkpoints:
             state = {"task": t, **self.identity(), "extra": self.approach.extra_state(),
-                     "matrix": self.matrix.to_dict(), "minutes": self.minutes,
+                     "matrix": self.matrix.to_dict(),
                      "seconds": {k: self.seconds[k] for k in ("train", "evaluate", "untrained")}}
             self.rundir.save_checkpoint(t, self.accelerator.unwrap_model(self.approach), state)
 
@@ -218,8 +217,8 @@ class Engine:
             self.approach.load_extra_state(state["extra"])
             load_approach_weights(self.accelerator.unwrap_model(self.approach), path / "model.safetensors")
             self.matrix = AccuracyMatrix.from_dict(state["matrix"])
-            self.minutes = list(state.get("minutes", []))
-            self.seconds.update(state.get("seconds", {}))
+            # a checkpoint written before the seconds were recorded has the training minutes alone
+            self.seconds.update(state.get("seconds") or {"train": [60 * m for m in state.get("minutes", [])]})
             start = state["task"] + 1
         self.history.append({"event": "resumed", "from_task": start, "changed": self.resume_changes})
         return start
@@ -252,7 +251,6 @@ class Engine:
             for task in self.seq.tasks[start:]:
                 t0 = time.time()
                 learn(task)
-                self.minutes.append(round((time.time() - t0) / 60, 4))
                 self.seconds["train"].append(round(time.time() - t0, 3))
                 t1 = time.perf_counter()
                 acc_row, f1_row, til_row = self.evaluate_all()

@@ -67,7 +67,7 @@ def run_one(values: dict) -> dict:
     approach = engine.approach
     examples = sum(len(t.train) for t in engine.seq)
     boundaries = [sum(len(t.train) for t in engine.seq.tasks[: i + 1]) for i in range(len(engine.seq))]
-    learn_s = sum(engine.minutes) * 60
+    learn_s = sum(engine.seconds["train"])
     s = matrix.summary()
     row = {"baseline": cfg.baseline, "gamma": cfg.levit_gamma if cfg.baseline == "levit" else None,
            "variant": values.get("variant"), "label": LABELS.get(values.get("variant"), cfg.baseline),
