@@ -18,7 +18,7 @@ from mmcl.approaches import APPROACHES, Approach
 from mmcl.backbones import build_backbone, check_backbone_name
 from mmcl.config import RunConfig
 from mmcl.data import load_task_sequence
-from mmcl.data.prepare import Collator, backbone_spec, check_modalities, make_loader, prepare_task, reader_context
+from mmcl.data.prepare import Batcher, backbone_spec, check_modalities, make_loader, prepare_task, reader_context
 from mmcl.data.sequence import Task, TaskSequence, get_scenario
 from mmcl.devices import make_accelerator, release_prepared
 from mmcl.engine_errors import NonFiniteError, OutputError, RunFailed
@@ -81,7 +81,7 @@ class Engine:
                 t0 = time.perf_counter()
                 prepare_task(task, self.backbone, self.scenario)
                 self.seconds["prepare"].append(round(time.perf_counter() - t0, 3))
-        self.collate = Collator(self.backbone)
+        self.collate = Batcher(self.backbone)  # a split's tensors once (TensorSplit), or rows collated
         if not self.scenario.task_boundaries and acc.num_processes > 1:
             raise ValueError(f"--scenario {self.scenario.name} is one stream seen in order: run it in one process "
                              f"(python run.py), not {acc.num_processes}")
@@ -151,7 +151,7 @@ class Engine:
         bar = tqdm(total=total, desc=f"task {task.id} {task.name}", disable=not (cfg.progress and acc.is_local_main_process))
         model.train()
         for epoch in range(num_epochs):
-            steps_this_epoch, running = min(len(loader), total - step), 0.0
+            steps_this_epoch, running, t_epoch = min(len(loader), total - step), 0.0, time.perf_counter()
             for i, batch in enumerate(loader):
                 if i >= steps_this_epoch:
                     break
@@ -164,7 +164,8 @@ class Engine:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}")
             record: dict[str, Any] = {"event": "epoch", "task": task.id, "epoch": epoch,
-                                      "loss": running / max(1, steps_this_epoch)}
+                                      "loss": running / max(1, steps_this_epoch),
+                                      "seconds": round(time.perf_counter() - t_epoch, 3)}  # training only
             if step_once.skipped:
                 record["skipped_steps"] = step_once.skipped  # fp16 grad-scaler overflows, not errors
             if best is not None:  # --select_best, PyContinual's: keep the epoch best on the valid split

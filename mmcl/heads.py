@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmcl.backbones.base import Backbone
+from mmcl.feature_cache import FeatureCache
 
 
 class Heads(nn.Module):
@@ -41,9 +42,10 @@ class ContinualModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.heads = heads
+        self.feature_cache = FeatureCache()  # used only while the backbone is frozen and deterministic
 
     def features(self, batch: dict) -> torch.Tensor:
-        return self.backbone(batch)
+        return self.feature_cache(self.backbone, batch, lambda: self.backbone(batch))
 
     def forward(self, batch: dict, task_id: int | None = None) -> torch.Tensor:
         return self.heads(self.features(batch), task_id)
@@ -69,3 +71,12 @@ class ContinualModel(nn.Module):
         for _, mask, logits in self.logits_by_task(features, batch["task_ids"]):
             total = total + F.cross_entropy(logits.float(), labels[mask], reduction="sum")
         return total / labels.numel()
+
+    def example_losses(self, batch: dict) -> torch.Tensor:
+        """Each example's cross-entropy, in batch order (a loss that weighs parts of one batch apart)."""
+        features = self.features(batch)
+        labels = batch["labels"]
+        out = features.new_zeros(labels.shape, dtype=torch.float32)
+        for _, mask, logits in self.logits_by_task(features, batch["task_ids"]):
+            out = out.masked_scatter(mask, F.cross_entropy(logits.float(), labels[mask], reduction="none"))
+        return out

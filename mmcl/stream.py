@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-HIDDEN_KEYS = ("task_ids", "task_id", "local_labels")
+HIDDEN_KEYS = ("task_ids", "task_id", "local_labels", "example_ids")  # an example id names its split, so its task
 HIDDEN_ATTRS = ("id", "task_id", "task_ids", "task")
 
 

@@ -7,7 +7,7 @@ from conftest import ROOT
 
 # lowest first; a module not listed takes its package's layer
 LAYERS = [
-    {"atomic", "engine_errors", "registry", "options", "stream", "metrics"},
+    {"atomic", "engine_errors", "registry", "options", "stream", "metrics", "feature_cache"},
     {"config", "memory", "heads", "data", "backbones"},
     {"approaches", "optim"},
     {"evaluation", "rundir", "reporting", "devices", "flags", "compat"},

@@ -12,7 +12,7 @@ the approach's file.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -66,8 +66,8 @@ class Approach(nn.Module):
             self.model.backbone.requires_grad_(False)
         self.current_task: Task | None = None
         self.progress = Progress()
-        # set by the engine (`bind`): turns dataset rows into a batch on the right device
-        self._collate: Callable[[list[dict]], dict] | None = None
+        # set by the engine (`bind`): makes batches of dataset rows (mmcl.data.prepare.Batcher)
+        self._collate = None
         self._accelerator = None
 
     @classmethod
@@ -95,7 +95,7 @@ class Approach(nn.Module):
         heads = Heads(backbone.feature_dim, layout, per_task=self.scenario.per_task_heads)
         return ContinualModel(backbone, heads)
 
-    def bind(self, accelerator, collate: Callable[[list[dict]], dict]) -> None:
+    def bind(self, accelerator, collate) -> None:
         self._accelerator = accelerator
         self._collate = collate
 
@@ -131,18 +131,28 @@ class Approach(nn.Module):
 
     def batch_from_rows(self, rows: list[dict]) -> dict:
         """Collate dataset rows (e.g. from a memory) and move them to the model's device."""
-        batch = self._collate(rows)
+        return self.to_device(self._collate(rows))
+
+    def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def batch_of(self, dataset, indices) -> dict:
+        """The batch of `dataset`'s rows `indices`, on the model's device (an index slice of the split's
+        tensors where the backbone has a tensor path: `mmcl.data.prepare.Batcher`)."""
+        return self.to_device(self._collate.rows(dataset, indices))
+
     def batches_from_refs(self, refs: list[tuple[int, int]]) -> list[dict]:
-        """(task, row) references into the train splits -> one batch per modality, text first.
+        """(task, row) references into the train splits -> one batch per modality, text first, rows grouped
+        by task (a mean over the rows does not depend on their order).
 
         A memory of a mixed sequence holds text and image rows; they cannot share a batch (each
-        tower of a multimodal backbone takes only its own inputs), so they are collated apart."""
-        by_modality: dict[str, list[dict]] = {}
+        tower of a multimodal backbone takes only its own inputs), so they are batched apart."""
+        by_modality: dict[str, dict[int, list[int]]] = {}
         for t, r in refs:
-            by_modality.setdefault(self.seq[t].modality, []).append(self.seq[t].train[r])
-        return [self.batch_from_rows(rows) for _, rows in sorted(by_modality.items(), reverse=True)]
+            by_modality.setdefault(self.seq[t].modality, {}).setdefault(t, []).append(r)
+        join = self.model.backbone.join_inputs
+        return [join([self.batch_of(self.seq[t].train, rows) for t, rows in sorted(tasks.items())])
+                for _, tasks in sorted(by_modality.items(), reverse=True)]
 
     def loss_over(self, batches: list[dict]) -> torch.Tensor:
         """Mean cross-entropy over the examples of several batches (e.g. one per modality)."""

@@ -28,6 +28,7 @@ from torch import nn
 from mmcl.approaches.base import Approach
 from mmcl.backbones.tokens import Prefix, TokenEncoder, token_encoder
 from mmcl.data.sequence import Task
+from mmcl.feature_cache import FeatureCache
 
 
 def parse_layers(text: str, depth: int, flag: str) -> list[int]:
@@ -96,6 +97,7 @@ class PromptApproach(Approach, metaclass=ABCMeta):
         self.pools = nn.ModuleDict({m: self.make_pool(enc) for m, enc in self.encoders.items()})
         # tasks learned so far (or being learned): which slices / e-prompts inference may use; saved with the weights
         self.register_buffer("num_learned", torch.zeros((), dtype=torch.long))
+        self.query_cache = FeatureCache()
 
     @property
     def pool(self) -> nn.Module:
@@ -123,8 +125,10 @@ class PromptApproach(Approach, metaclass=ABCMeta):
 
     @torch.no_grad()
     def query(self, batch: dict) -> torch.Tensor:
-        """q(x): the pooled feature of the batch's frozen encoder without prompts."""
-        return self.encoders[self.modality(batch)](batch)
+        """q(x): the pooled feature of the batch's frozen encoder without prompts, computed once per example
+        (mmcl/feature_cache.py: the encoder never changes)."""
+        encoder = self.encoders[self.modality(batch)]
+        return self.query_cache(encoder, batch, lambda: encoder(batch))
 
     def prefixed_features(self, batch: dict, prefixes: dict[int, Prefix]) -> torch.Tensor:
         """The backbone's features of a pass with prefixes in the given layers (CODA-Prompt, DualPrompt)."""

@@ -53,11 +53,24 @@ class Replay(Approach):
         return self.batches_from_refs(refs) if refs else []
 
     def training_step(self, batch: dict, task: Task) -> torch.Tensor:
-        loss = self.model.loss(batch)
-        replay = self.memory_batches(batch["labels"].shape[0])
-        if replay:
-            loss = (loss + self.loss_over(replay)) / 2
-        return loss
+        """(mean loss of the current examples + mean loss of the memory examples) / 2, from one forward pass
+        over both where they share a modality (the maths of two passes; a model whose layers mix examples,
+        batch norm, would differ: ours use layer norm). A mixed sequence's memory rows of the other
+        modality take their own pass (a tower takes only its own inputs)."""
+        n = batch["labels"].shape[0]
+        replay = self.memory_batches(n)
+        if not replay:
+            return self.model.loss(batch)
+        backbone = self.model.backbone
+        same, other = [], []
+        for b in replay:
+            (same if backbone.batch_modality(b) == backbone.batch_modality(batch) else other).append(b)
+        m = sum(b["labels"].numel() for b in replay)
+        if not same:
+            return (self.model.loss(batch) + self.loss_over(other)) / 2
+        losses = self.model.example_losses(backbone.join_inputs([batch, *same]))
+        memory = losses[n:].sum() + sum(self.model.loss(b) * b["labels"].numel() for b in other)
+        return (losses[:n].mean() + memory / m) / 2
 
     def after_task(self, task: Task, loader) -> None:
         self.memory.add_task(task.id, list(task.train["target"]))

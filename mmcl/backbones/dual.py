@@ -84,6 +84,28 @@ class DualBackbone(Backbone):
         batch[MODALITY_KEY] = mods[0]
         return batch
 
+    def to_columns(self, dataset) -> dict[str, Any] | None:
+        mods = dataset.unique(MODALITY_KEY) if MODALITY_KEY in dataset.column_names else []
+        if len(mods) > 1:
+            raise ValueError(f"--backbone dual: a split must hold one modality, got rows of {sorted(mods)}")
+        modality = mods[0] if mods else ("image" if "image" in dataset.column_names else "text")
+        columns = self.tower(modality).to_columns(dataset)
+        return None if columns is None else {**columns, MODALITY_KEY: modality}
+
+    def inputs_from_columns(self, columns: dict[str, Any]) -> dict[str, Any]:
+        modality = columns[MODALITY_KEY]
+        inputs = self.tower(modality).inputs_from_columns({k: v for k, v in columns.items() if k != MODALITY_KEY})
+        inputs[MODALITY_KEY] = modality
+        return inputs
+
+    def join_inputs(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        mods = sorted({b.get(MODALITY_KEY) for b in batches}, key=str)
+        if len(mods) != 1 or mods[0] is None:
+            raise ValueError(f"--backbone dual: batches of {mods} cannot be joined (each tower takes only its own)")
+        joined = self.tower(mods[0]).join_inputs([{k: v for k, v in b.items() if k != MODALITY_KEY} for b in batches])
+        joined[MODALITY_KEY] = mods[0]
+        return joined
+
     def forward(self, inputs: dict[str, Any]) -> torch.Tensor:
         modality = self.batch_modality(inputs)
         return self.from_tower(modality, self.tower(modality)(inputs))

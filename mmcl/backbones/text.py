@@ -87,16 +87,49 @@ class BertEncoder(TokenEncoder, Backbone):
         drop = [c for c in dataset.column_names if c not in keep]
         # our own fingerprint for the cache: `datasets` would pickle the tokenizer (its whole vocabulary) to
         # make one, ~1 s per split; the tokenizer's identity and settings name the result as well
+        # and it names the result by the rows' content, so the tokenised split is kept on disk (MMCL_CACHE) and
+        # a second run of the same sequence loads it instead of tokenising again
         from datasets.fingerprint import Hasher
 
-        fingerprint = Hasher.hash((dataset._fingerprint, "mmcl-tokenise-1", tokenizer.name_or_path,
+        from mmcl.data.cache import content_fingerprint, prepared_file
+
+        fingerprint = Hasher.hash((content_fingerprint(dataset), "mmcl-tokenise-1", tokenizer.name_or_path,
                                    type(tokenizer).__name__, len(tokenizer), tokenizer.all_special_tokens,
                                    max_length, pair))
-        return dataset.map(tokenize, batched=True, remove_columns=drop, desc="tokenise", new_fingerprint=fingerprint)
+        return dataset.map(tokenize, batched=True, remove_columns=drop, desc="tokenise", new_fingerprint=fingerprint,
+                           cache_file_name=prepared_file(fingerprint, "tokenised"))
 
     def collate_inputs(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         features = [{k: r[k] for k in self.input_keys if k in r} for r in rows]
         return dict(self.tokenizer.pad(features, return_tensors="pt"))
+
+    def to_columns(self, dataset) -> dict[str, torch.Tensor]:
+        # the whole split padded to its longest row once; a batch drops the positions none of its rows uses,
+        # which is what padding that batch alone gives (`collate_inputs`), on either padding side
+        keys = [k for k in self.input_keys if k in dataset.column_names]
+        if not len(dataset):
+            return {k: torch.zeros(0, 0, dtype=torch.long) for k in keys}
+        return dict(self.tokenizer.pad(dataset.select_columns(keys)[:], return_tensors="pt"))
+
+    def inputs_from_columns(self, columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        used = columns["attention_mask"].any(0)
+        if bool(used.all()):
+            return dict(columns)
+        return {k: v[:, used].contiguous() for k, v in columns.items()}
+
+    def join_inputs(self, batches: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(b["input_ids"].shape[1] for b in batches)
+        pad = {"input_ids": self.tokenizer.pad_token_id or 0}  # attention mask and token types pad with 0
+        right = self.tokenizer.padding_side == "right"
+
+        def widen(key: str, v: torch.Tensor) -> torch.Tensor:
+            if v.ndim != 2 or v.shape[1] == width:
+                return v
+            fill = v.new_full((v.shape[0], width - v.shape[1]), pad.get(key, 0))
+            return torch.cat([v, fill] if right else [fill, v], 1)
+
+        return super().join_inputs([{k: widen(k, v) if k in self.input_keys else v for k, v in b.items()}
+                                    for b in batches])
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         kwargs = {k: inputs[k] for k in self.input_keys if k in inputs}

@@ -44,7 +44,14 @@ class TimmVisionBackbone(TokenEncoder, Backbone):
 
     def collate_inputs(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         images = np.stack([np.asarray(r["image"], dtype=np.uint8) for r in rows])
-        x = torch.from_numpy(images).float().div_(127.5).sub_(1.0)  # [0,255] -> [-1,1]
+        return self.inputs_from_columns({"image": torch.from_numpy(images)})
+
+    def to_columns(self, dataset) -> dict[str, torch.Tensor]:
+        images = dataset.with_format("numpy", columns=["image"])[:]["image"]
+        return {"image": torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))}
+
+    def inputs_from_columns(self, columns: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = columns["image"].float().div_(127.5).sub_(1.0)  # [0,255] -> [-1,1]
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
         return {"pixel_values": x.contiguous()}
 

@@ -126,6 +126,19 @@ class ModalityGroups(Dataset):
         g = bisect.bisect_right(self.starts, i) - 1
         return self.parts[g][i - self.starts[g]]
 
+    def __getitems__(self, indices: list[int]):
+        """A batch's rows, all of one group (the batch sampler's): the part's own batch if it makes one
+        (a `TensorSplit`), else its rows."""
+        g = bisect.bisect_right(self.starts, indices[0]) - 1
+        local = [i - self.starts[g] for i in indices]
+        if not all(0 <= i < len(self.parts[g]) for i in local):
+            raise ValueError("ModalityGroups: a batch must hold rows of one group (use its batch_sampler)")
+        part = self.parts[g]
+        return part.__getitems__(local) if hasattr(part, "__getitems__") else [part[i] for i in local]
+
+    def map_parts(self, fn) -> "ModalityGroups":
+        return ModalityGroups({name: fn(part) for name, part in zip(self.names, self.parts)})
+
     def group_ranges(self) -> list[range]:
         return [range(self.starts[g], self.starts[g + 1]) for g in range(len(self.parts))]
 

@@ -1,19 +1,21 @@
 """From a task sequence to what the loop consumes: reader settings, model-ready splits, batches.
 
 The engine adds `target` (the scenario's label: local for TIL/DIL, global for CIL) and `task_id` columns
-to the backbone's preprocessed splits; `Collator` turns rows into a batch; `make_loader` shards it over
-the processes through Accelerate.
+to the backbone's preprocessed splits; `Batcher` turns a split into tensors once (`TensorSplit`: a batch is an
+index slice) or collates rows; `make_loader` shards the batches over the processes through Accelerate.
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from mmcl.backbones.base import BackboneSpec
+from mmcl.backbones.base import Backbone, BackboneSpec
 from mmcl.data import ReaderContext
 from mmcl.data.mixed import ModalityGroups
 from mmcl.data.sequence import Task, TaskSequence, check_labels
@@ -72,23 +74,97 @@ def prepare_task(task: Task, backbone, scenario) -> None:
         setattr(task, split, ds)
 
 
-class Collator:
-    def __init__(self, backbone) -> None:
-        self.backbone = backbone
+LABEL_COLUMNS = {"labels": "target", "local_labels": "label", "task_ids": "task_id"}  # batch key: split column
 
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.backbone.collate_inputs(rows)
-        batch["labels"] = torch.tensor([int(r["target"]) for r in rows], dtype=torch.long)
-        batch["local_labels"] = torch.tensor([int(r["label"]) for r in rows], dtype=torch.long)
-        batch["task_ids"] = torch.tensor([int(r["task_id"]) for r in rows], dtype=torch.long)
+
+class TensorSplit(Dataset):
+    """A prepared split as tensors, built once: a batch is an index slice, not a collate of Python rows.
+
+    The backbone's `to_columns` gives the inputs (uint8 images, token ids padded once), `inputs_from_columns`
+    turns a slice into model inputs; the scenario's labels and task ids are tensors beside them. A DataLoader
+    calls `__getitems__` with a batch's indices (torch's batched fetch), so the sampler and Accelerate's
+    sharding are unchanged and the batches equal the row-collated ones."""
+
+    def __init__(self, backbone, dataset, uid: int = 0) -> None:
+        columns = backbone.to_columns(dataset)
+        if columns is None:
+            raise TypeError(f"{type(backbone).__name__} has no tensor path (to_columns)")
+        self.backbone = backbone
+        self.n = len(dataset)
+        self.inputs = {k: v for k, v in columns.items() if torch.is_tensor(v)}
+        self.constants = {k: v for k, v in columns.items() if not torch.is_tensor(v)}
+        labels = dataset.with_format("numpy", columns=list(LABEL_COLUMNS.values()))[:] if self.n else {}
+        self.tags = {key: torch.as_tensor(np.asarray(labels.get(col, []), dtype=np.int64))
+                     for key, col in LABEL_COLUMNS.items()}
+        # an example's identity for caches of frozen features (mmcl/feature_cache.py): the split, the row
+        self.tags["example_ids"] = (uid << 32) + torch.arange(self.n, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitems__(self, indices) -> dict[str, Any]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        batch = self.backbone.inputs_from_columns({**{k: v[idx] for k, v in self.inputs.items()}, **self.constants})
+        batch.update({k: v[idx] for k, v in self.tags.items()})
         return batch
 
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])
 
-def make_loader(accelerator, collate, dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+
+class Batcher:
+    """Builds batches for the engine and the approaches: from a split's tensors (`TensorSplit`, made once per
+    split and kept while the split lives) where the backbone has a tensor path, else by collating rows."""
+
+    def __init__(self, backbone) -> None:
+        self.backbone = backbone
+        self.tensor_path = type(backbone).to_columns is not Backbone.to_columns
+        self._splits: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._uids: dict[str, int] = {}  # a split's datasets fingerprint -> its number in `example_ids`
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Rows (dataset rows, e.g. a memory's) -> a batch."""
+        batch = self.backbone.collate_inputs(rows)
+        for key, col in LABEL_COLUMNS.items():
+            batch[key] = torch.tensor([int(r[col]) for r in rows], dtype=torch.long)
+        return batch
+
+    def split(self, dataset):
+        """`dataset` as what a DataLoader indexes: its TensorSplit where there is a tensor path."""
+        if isinstance(dataset, ModalityGroups):
+            return dataset.map_parts(self.split)
+        if not self.tensor_path or not isinstance(dataset, datasets.Dataset):
+            return dataset
+        split = self._splits.get(dataset)
+        if split is None:
+            uid = self._uids.setdefault(dataset._fingerprint, len(self._uids))
+            split = self._splits[dataset] = TensorSplit(self.backbone, dataset, uid)
+        return split
+
+    def rows(self, dataset, indices) -> dict[str, Any]:
+        """The batch of `dataset`'s rows `indices` (in that order)."""
+        split = self.split(dataset)
+        if isinstance(split, TensorSplit):
+            return split.__getitems__(list(indices))
+        return self([dataset[int(i)] for i in indices])
+
+    def for_loader(self, dataset) -> tuple[Any, Any]:
+        """(what a DataLoader indexes, its collate function) for `dataset`."""
+        data = self.split(dataset)
+        parts = data.parts if isinstance(data, ModalityGroups) else [data]
+        return data, (_as_is if all(isinstance(p, TensorSplit) for p in parts) else self)
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:  # a TensorSplit's batch is ready
+    return batch
+
+
+def make_loader(accelerator, batcher: Batcher, dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     """A seeded loader, sharded over the processes by Accelerate."""
-    if isinstance(dataset, ModalityGroups):  # joint training on a mixed sequence: one modality per batch
-        dl = DataLoader(dataset, batch_sampler=dataset.batch_sampler(batch_size, shuffle, seed), collate_fn=collate)
+    data, collate = batcher.for_loader(dataset)
+    if isinstance(data, ModalityGroups):  # joint training on a mixed sequence: one modality per batch
+        dl = DataLoader(data, batch_sampler=data.batch_sampler(batch_size, shuffle, seed), collate_fn=collate)
         return accelerator.prepare_data_loader(dl)
     gen = torch.Generator().manual_seed(seed)
-    dl = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=gen)
+    dl = DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=gen)
     return accelerator.prepare_data_loader(dl)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from mmcl.data import READERS, DataFormatError, DataNotFoundError, ReaderContext
+from mmcl.data.cache import cache_dir
 from mmcl.data.files import GZIP_MAGIC, gunzip, read_bytes, read_text_file
 from mmcl.data.sequence import Task, TaskSequence, check_labels
 from mmcl.data.common import seeded_rng, seeded_subset, split_classes, take_first_tasks, train_cap
@@ -133,10 +134,6 @@ FMNIST = IdxDataset("split_fmnist", "fmnist", "Fashion-MNIST", tuple(FMNIST_CLAS
                     system_dirs=(Path("/usr/share/datasets/fashion-mnist"),))  # Debian: dataset-fashion-mnist
 MNIST = IdxDataset("split_mnist", "mnist", "MNIST", tuple(str(c) for c in range(10)), ("mnist", "MNIST/raw"), "MNIST",
                    "Download MNIST's idx files (e.g. torchvision.datasets.MNIST(root, download=True)) and")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MMCL_CACHE", "~/.cache/mmcl")).expanduser()
 
 
 def offline() -> bool:
