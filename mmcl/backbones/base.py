@@ -63,6 +63,11 @@ class Backbone(nn.Module):
                 out[key] = values[0]
         return out
 
+    def preprocess_key(self, modality: str) -> tuple | None:
+        """What `preprocess` depends on besides the rows (tokenizer, lengths), so a prepared split can be kept on
+        disk and loaded by a later run (mmcl/data/cache.py); None: nothing worth keeping, prepare every run."""
+        return None
+
     def preprocess_task(self, dataset, modality: str):
         """`preprocess` for a split of a task of `modality` (a multimodal backbone picks its tower by it)."""
         return self.preprocess(dataset)

@@ -73,6 +73,10 @@ class DualBackbone(Backbone):
     def preprocess_task(self, dataset, modality: str):
         return self.preprocess(dataset, modality)
 
+    def preprocess_key(self, modality: str) -> tuple | None:
+        key = self.tower(modality).preprocess_key(modality)
+        return None if key is None else ("dual", modality, key)
+
     def collate_inputs(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         mods = sorted({r.get(MODALITY_KEY) for r in rows})
         if len(mods) != 1 or mods[0] is None:

@@ -85,19 +85,19 @@ class BertEncoder(TokenEncoder, Backbone):
 
         keep = {"label"}
         drop = [c for c in dataset.column_names if c not in keep]
-        # our own fingerprint for the cache: `datasets` would pickle the tokenizer (its whole vocabulary) to
-        # make one, ~1 s per split; the tokenizer's identity and settings name the result as well
-        # and it names the result by the rows' content, so the tokenised split is kept on disk (MMCL_CACHE) and
-        # a second run of the same sequence loads it instead of tokenising again
+        # our own fingerprint: `datasets` would pickle the tokenizer (its whole vocabulary) to make one, ~1 s
+        # per split; the rows' content and the tokenizer's identity and settings name the result as well
         from datasets.fingerprint import Hasher
 
-        from mmcl.data.cache import content_fingerprint, prepared_file
+        from mmcl.data.cache import content_fingerprint
 
-        fingerprint = Hasher.hash((content_fingerprint(dataset), "mmcl-tokenise-1", tokenizer.name_or_path,
-                                   type(tokenizer).__name__, len(tokenizer), tokenizer.all_special_tokens,
-                                   max_length, pair))
-        return dataset.map(tokenize, batched=True, remove_columns=drop, desc="tokenise", new_fingerprint=fingerprint,
-                           cache_file_name=prepared_file(fingerprint, "tokenised"))
+        fingerprint = Hasher.hash((content_fingerprint(dataset), self.preprocess_key("text")))
+        return dataset.map(tokenize, batched=True, remove_columns=drop, desc="tokenise", new_fingerprint=fingerprint)
+
+    def preprocess_key(self, modality: str) -> tuple:
+        tokenizer = self.tokenizer
+        return ("mmcl-tokenise-1", tokenizer.name_or_path, type(tokenizer).__name__, len(tokenizer),
+                tuple(tokenizer.all_special_tokens), tokenizer.padding_side, self.max_length)
 
     def collate_inputs(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         features = [{k: r[k] for k in self.input_keys if k in r} for r in rows]

@@ -3,8 +3,9 @@ splits, so a second run of the same text sequence does not tokenise again.
 
 `datasets` caches a transform's result only for data that lives in a file and names it by a fingerprint
 that, for data built in memory (every text reader's), is random per process. `content_fingerprint` names an
-in-memory split by what it holds instead, and `prepared_file` gives `Dataset.map` a file to write to and,
-in a later run, to load from (`datasets` writes it under a temporary name and renames it).
+in-memory split by what it holds instead; `prepared_file` is where a prepared split so named is kept, and
+`keep_split` writes it there (Arrow, written under a temporary name, then renamed) and reads it back
+memory-mapped, as a later run will.
 """
 from __future__ import annotations
 
@@ -27,9 +28,27 @@ def content_fingerprint(dataset) -> str:
     return Hasher.hash((dataset.data.table, indices))
 
 
+def keep_split(dataset, path: str):
+    """Write `dataset`'s rows (in its order) to `path` atomically and return the split read from there."""
+    import datasets
+    import pyarrow as pa
+
+    table = dataset.with_format("arrow")[:]  # the rows as selected; the schema carries the features
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with pa.OSFile(tmp, "wb") as f:
+            with pa.ipc.new_stream(f, table.schema) as writer:
+                writer.write_table(table)
+        os.replace(tmp, path)
+    except OSError:  # a full or read-only cache: the run goes on with the split in memory
+        Path(tmp).unlink(missing_ok=True)
+        return dataset
+    return datasets.Dataset.from_file(path)
+
+
 def prepared_file(fingerprint: str, what: str) -> str | None:
-    """Where a prepared split with this fingerprint is kept (None: `MMCL_CACHE=off`, nothing kept)."""
-    if os.environ.get("MMCL_CACHE", "").lower() == "off":
+    """Where a prepared split with this fingerprint is kept (None: `MMCL_KEEP_PREPARED=0`, nothing kept)."""
+    if os.environ.get("MMCL_KEEP_PREPARED", "1") == "0":
         return None
     folder = cache_dir() / "prepared"
     folder.mkdir(parents=True, exist_ok=True)

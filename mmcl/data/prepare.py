@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmcl.backbones.base import Backbone, BackboneSpec
 from mmcl.data import ReaderContext
+from mmcl.data.cache import content_fingerprint, keep_split, prepared_file
 from mmcl.data.mixed import ModalityGroups
-from mmcl.data.sequence import Task, TaskSequence, check_labels
+from mmcl.data.sequence import Task, TaskSequence, check_labels, int_column
 
 
 def reader_context(cfg) -> ReaderContext:
@@ -59,19 +60,34 @@ def check_modalities(cfg, seq: TaskSequence, handled: tuple[str, ...], backbone=
 
 
 def prepare_task(task: Task, backbone, scenario) -> None:
-    """Model-ready splits with scenario targets and task ids, replacing the raw ones."""
+    """Model-ready splits with scenario targets and task ids, replacing the raw ones. A backbone whose
+    preprocessing is worth keeping (`preprocess_key`: tokenisation) has each prepared split kept under
+    MMCL_CACHE, named by the raw rows' content, that key and the targets', and a later run loads it."""
     check_labels(task)
     for split in ("train", "valid", "test"):
-        ds = backbone.preprocess_task(getattr(task, split), task.modality)
-        labels = ds["label"]
-        ds = ds.add_column("target", [scenario.target(task, int(y)) for y in labels])
-        ds = ds.add_column("task_id", [task.id] * len(labels))
+        raw = getattr(task, split)
+        key = backbone.preprocess_key(task.modality)
+        path = None
+        if key is not None:
+            from datasets.fingerprint import Hasher
+
+            path = prepared_file(Hasher.hash((content_fingerprint(raw), key, "mmcl-prepare-1", scenario.name,
+                                              task.id, task.class_offset, split == "train")), "split")
+        if path is not None and Path(path).is_file():
+            setattr(task, split, datasets.Dataset.from_file(path))
+            continue
+        ds = backbone.preprocess_task(raw, task.modality)
+        labels = int_column(ds, "label")  # numpy, not Python lists: cheap to read and to fingerprint
+        ds = ds.add_column("target", np.array([scenario.target(task, int(y)) for y in labels], dtype=np.int64))
+        ds = ds.add_column("task_id", np.full(len(labels), task.id, dtype=np.int64))
         if split != "train" and "input_ids" in ds.column_names and len(ds):
             # Evaluation splits only: batches of similar length pad less; accuracy and F1 do not depend
             # on the order of the examples.
-            lengths = np.array([len(ids) for ids in ds["input_ids"]])
-            ds = ds.select(np.argsort(lengths, kind="stable"))
-        setattr(task, split, ds)
+            import pyarrow.compute as pc
+
+            lengths = pc.list_value_length(ds.with_format("arrow", columns=["input_ids"])[:]["input_ids"])
+            ds = ds.select(np.argsort(np.asarray(lengths), kind="stable"))
+        setattr(task, split, keep_split(ds, path) if path is not None else ds)
 
 
 LABEL_COLUMNS = {"labels": "target", "local_labels": "label", "task_ids": "task_id"}  # batch key: split column
