@@ -27,6 +27,9 @@ def set_cpu_threads(accelerator) -> None:
     local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
     threads = int(os.environ.get("MMCL_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // max(1, local))
     torch.set_num_threads(threads)
+    # numbers below ~1e-38 (softmax tails, Adam's second moments) take a slow path on x86 CPUs; flushing them
+    # to zero changes nothing a float32 result can show and made a training step 6 % faster (benchmarks.md)
+    torch.set_flush_denormal(True)
 
 
 def release_prepared(accelerator) -> None:

@@ -169,8 +169,8 @@ def test_balanced_finetune_steps_on_the_global_batch(tmp_path):
     engine.train_task(engine.seq[0])
     approach.before_task(engine.seq[1])
     sizes = []
-    collate = approach.batch_from_rows
-    approach.batch_from_rows = lambda rows: sizes.append(len(rows)) or collate(rows)
+    batch_of = approach.batch_of
+    approach.batch_of = lambda data, rows: sizes.append(len(rows)) or batch_of(data, rows)
 
     real = approach._accelerator
 

@@ -67,7 +67,7 @@ class Approach(nn.Module):
         self.current_task: Task | None = None
         self.progress = Progress()
         # set by the engine (`bind`): makes batches of dataset rows (mmcl.data.prepare.Batcher)
-        self._collate = None
+        self._batcher = None
         self._accelerator = None
 
     @classmethod
@@ -95,9 +95,9 @@ class Approach(nn.Module):
         heads = Heads(backbone.feature_dim, layout, per_task=self.scenario.per_task_heads)
         return ContinualModel(backbone, heads)
 
-    def bind(self, accelerator, collate) -> None:
+    def bind(self, accelerator, batcher) -> None:
         self._accelerator = accelerator
-        self._collate = collate
+        self._batcher = batcher
 
     @property
     def world(self) -> tuple[int, int]:
@@ -131,7 +131,7 @@ class Approach(nn.Module):
 
     def batch_from_rows(self, rows: list[dict]) -> dict:
         """Collate dataset rows (e.g. from a memory) and move them to the model's device."""
-        return self.to_device(self._collate(rows))
+        return self.to_device(self._batcher(rows))
 
     def to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -139,7 +139,7 @@ class Approach(nn.Module):
     def batch_of(self, dataset, indices) -> dict:
         """The batch of `dataset`'s rows `indices`, on the model's device (an index slice of the split's
         tensors where the backbone has a tensor path: `mmcl.data.prepare.Batcher`)."""
-        return self.to_device(self._collate.rows(dataset, indices))
+        return self.to_device(self._batcher.rows(dataset, indices))
 
     def batches_from_refs(self, refs: list[tuple[int, int]]) -> list[dict]:
         """(task, row) references into the train splits -> one batch per modality, text first, rows grouped

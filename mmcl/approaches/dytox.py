@@ -303,8 +303,8 @@ class DyTox(Approach):
         self.model.eval()
         out = []
         for start in range(0, len(task.train), self.cfg.eval_batch_size):
-            rows = task.train.select(range(start, min(start + self.cfg.eval_batch_size, len(task.train))))
-            out.append(self.model.embeddings(self.batch_from_rows(list(rows)), tokens).flatten(1))
+            rows = range(start, min(start + self.cfg.eval_batch_size, len(task.train)))
+            out.append(self.model.embeddings(self.batch_of(task.train, rows), tokens).flatten(1))
         self.model.train()
         return torch.cat(out)
 
@@ -362,7 +362,7 @@ class DyTox(Approach):
         for epoch in range(self.opts.dytox_finetune_epochs):
             order = rng.permutation(len(data))
             for i, start in enumerate(range(0, len(order), bs)):
-                batch = self.batch_from_rows(list(data.select(order[start:start + bs].tolist())))
+                batch = self.batch_of(data, order[start:start + bs].tolist())
                 with self.autocast():
                     logits = m.logits(m.embeddings(batch, list(range(task.id + 1)))).float()
                 loss = one_hot_bce(logits, self.global_targets(batch))

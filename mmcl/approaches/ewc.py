@@ -105,8 +105,7 @@ class EWC(Approach):
         if n is None:
             return loader, None
         rows = task.train
-        batches = (self.batch_from_rows([rows[j] for j in range(i, min(i + n, len(rows)))])
-                   for i in range(0, len(rows), n))
+        batches = (self.batch_of(rows, range(i, min(i + n, len(rows)))) for i in range(0, len(rows), n))
         return batches, (float(n), float(len(rows)))
 
     def after_task(self, task: Task, loader) -> None:
