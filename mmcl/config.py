@@ -72,6 +72,8 @@ class RunConfig:
     overwrite: bool = run_field(False, "replace an existing run directory of the same name", "output")
     save_checkpoints: bool = run_field(True, "a checkpoint after every task (needed by --resume and the Hub)", "output")
     progress: bool = run_field(True, "progress bars (main process only)", "output")
+    report_to: str = run_field("none", "experiment trackers through Accelerate, comma-separated: none | all | "
+                                       "tensorboard | wandb | mlflow | comet_ml | aim | clearml | dvclive", "output")
     push_to_hub: bool = run_field(False, "upload the finished run's model folder to --hub_model_id", "output")
     hub_model_id: str | None = run_field(None, "OWNER/NAME on the Hugging Face Hub", "output")
     hub_private: bool = run_field(False, "create the Hub repository private", "output")

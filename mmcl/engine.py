@@ -29,6 +29,7 @@ from mmcl.optim import OptimizerStep, make_optimizer, make_scheduler
 from mmcl.reporting import run_meta, write_report
 from mmcl.rundir import RunDir, load_approach_weights, writing
 from mmcl.stream import learn_stream
+from mmcl.trackers import RunTrackers, tracker_names
 
 
 class Engine:
@@ -41,6 +42,7 @@ class Engine:
         self.resume_changes: dict[str, list] = {}  # flags --resume changed after a failure (flags.resume_config)
         self.history: list[dict] = []  # failures and resumes of this run directory, oldest first
         self.eval_counts: dict[tuple[int, str], int] = {}  # (task, split) -> examples in the latest evaluation
+        self.trackers = RunTrackers(self.accelerator, [], Path("."), {})  # --report_to's, once the run dir exists
 
     @property
     def run_dir(self) -> Path | None:
@@ -55,6 +57,7 @@ class Engine:
         self.cfg.baseline = approach_cls.name
         check_backbone_name(self.cfg.backbone)
         validate_options(self.cfg)  # each method checks its own options
+        tracker_names(self.cfg.report_to)  # a tracker whose package is missing: an error now, not a silent run
         approach_cls.check_scenario(self.scenario)
         return approach_cls
 
@@ -161,6 +164,7 @@ class Engine:
                                          "step": f"{i + 1} of {steps_this_epoch} (step {step + 1} of {total} in the task)"})
                 step, value = step + 1, loss.item()
                 running += value
+                self.trackers.log_step(value, optimizer.param_groups[0]["lr"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}")
             record: dict[str, Any] = {"event": "epoch", "task": task.id, "epoch": epoch,
@@ -240,6 +244,8 @@ class Engine:
             self.rundir.remove_if_unused()  # nothing but our own config.yaml: leave no trace
             raise
         start = self.restore() if self.cfg.resume else 0
+        self.trackers = RunTrackers(self.accelerator, tracker_names(self.cfg.report_to), self.run_dir,
+                                    self.cfg.to_dict())
         if start == 0 and not self.scenario.global_labels:
             # b_u for FWT: the untrained model on each task (not defined for CIL: unseen classes cannot be predicted)
             t0 = time.perf_counter()
@@ -258,6 +264,7 @@ class Engine:
                 self.seconds["evaluate"].append(round(time.perf_counter() - t1, 3))
                 self.matrix.set_row(task.id, acc_row, f1_row, til_row)
                 self.log({"event": "task_done", "task": task.id, "acc": acc_row, "macro_f1": f1_row, "til_acc": til_row})
+                self.trackers.log_task(task.id, [t.name for t in self.seq], acc_row, f1_row)
                 # drawing the heatmap takes 0.3-1 s: after every task of a run whose tasks take minutes, but only
                 # after the last one when tasks take seconds (where it would be most of the run's time)
                 self.report(plot=task is self.seq.tasks[-1] or time.time() - t0 > 60)
@@ -266,12 +273,15 @@ class Engine:
             raise self.fail("non-finite", str(e), e.where) from e
         except OutputError as e:
             raise self.fail("output", str(e), {}) from e
+        self.trackers.log_summary(self.matrix.summary(), self.run_dir / "accuracy_matrix.png")
+        self.trackers.end()
         self.accelerator.wait_for_everyone()
         return self.matrix
 
     def fail(self, kind: str, message: str, where: dict) -> RunFailed:
         """Mark the run failed in metrics.json and results.md (no result is claimed) and build the error."""
         reason = self.rundir.failure(kind, message, where, self.cfg.save_checkpoints)
+        self.trackers.end()
         self.history.append({"event": "failed", **reason})
         try:  # best effort: on a full disk even this may not fit; the error itself says everything
             self.log({"event": "failed", **reason})

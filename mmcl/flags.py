@@ -25,7 +25,7 @@ from mmcl.options import Options, field_help, fields_of, flag_type, group_title
 # optimisation flags may change only when the run stopped on a non-finite loss (recorded in its history);
 # every other flag that differs from the run's config.yaml is an error.
 RUNTIME_FIELDS = ("progress", "save_checkpoints", "eval_batch_size", "data_dir", "cpu", "push_to_hub",
-                  "hub_model_id", "hub_private", "resume", "overwrite")
+                  "hub_model_id", "hub_private", "resume", "overwrite", "report_to")
 RECOVERY_FIELDS = ("learning_rate", "head_lr", "lr_reference_batch", "optimizer", "momentum", "weight_decay",
                    "lr_scheduler", "warmup_proportion", "clipgrad", "mixed_precision")
 

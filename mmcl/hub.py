@@ -34,16 +34,36 @@ def final_checkpoint(run_dir: Path, num_tasks: int) -> Path:
     return path
 
 
-def model_card(config: dict[str, Any], results_md: str) -> str:
+# the summary scalars a card's model-index lists: metric id -> name (undefined ones are left out)
+CARD_METRICS = {"acc_final": "Final average accuracy (ACC, %)",
+                "acc_final_weighted": "Final accuracy over all test examples (%)", "macro_f1_final": "Final macro-F1 (%)", "bwt": "Backward transfer (BWT, points)",
+                "fwt": "Forward transfer (FWT, points)", "forgetting": "Forgetting (points)",
+                "aia": "Average incremental accuracy (AIA, %)", "aia_weighted": "AIA over all test examples (%)",
+                "til_acc_final": "Task-aware final accuracy (%)"}
+
+
+def model_card(config: dict[str, Any], results_md: str, summary: dict[str, Any] | None = None) -> str:
+    """The card: huggingface_hub's metadata (tags, and a model-index with each summary metric of the run on its
+    task sequence and scenario, which the Hub shows as evaluation results), the results page, how to use it."""
+    from huggingface_hub import EvalResult, ModelCardData
+
     run = config["run"]
     tags = ["continual-learning", config["approach"], config["backbone"].replace("/", "-"), config["scenario"]]
-    meta = ["---", "library_name: mmcl", "tags:", *[f"- {t}" for t in dict.fromkeys(tags)],
-            "datasets:", f"- {config['task_sequence']}", "metrics:", "- accuracy", "---", ""]
-    usage = ["## Use", "", "```python", "from mmcl.hub import from_pretrained", "",
+    name = f"{config['task_sequence']}-{config['backbone'].replace('/', '-')}-{config['approach']}-{config['scenario']}"
+    results = [EvalResult(task_type="continual-learning", task_name=f"continual learning ({config['scenario']})",
+                          dataset_type=config["task_sequence"], dataset_name=config["task_sequence"],
+                          dataset_config=config["scenario"], dataset_split=run.get("eval_split", "test"),
+                          metric_type=key, metric_name=label, metric_value=round(float(summary[key]), 4))
+               for key, label in CARD_METRICS.items() if summary and summary.get(key) is not None]
+    data = ModelCardData(library_name="mmcl", tags=list(dict.fromkeys(tags)), datasets=[config["task_sequence"]],
+                         metrics=["accuracy"], model_name=name, eval_results=results or None)
+    usage = ["## How to use", "", "```python", "from mmcl.hub import from_pretrained", "",
              "model = from_pretrained(\"<this repo id or folder>\")  # an mmcl Approach, in eval mode",
-             "```", "", f"Re-test: `mmcl eval --model <repo id or folder> --task {run['task']}`", ""]
+             "logits = model.predict(batch, task_id)  # task_id: None unless the scenario gives it",
+             "```", "", "Re-test it on the task sequence's test sets:", "",
+             f"    mmcl eval --model <this repo id or folder> --task {run['task']}", ""]
     # the results page starts with its own "# title"; the card keeps it as the card's title
-    return "\n".join(meta) + results_md.rstrip() + "\n\n" + "\n".join(usage)
+    return "---\n" + data.to_yaml() + "\n---\n\n" + results_md.rstrip() + "\n\n" + "\n".join(usage)
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
@@ -78,7 +98,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None)
         plot_accuracy_matrix(matrix, png)
     shutil.copyfile(png, tmp / "accuracy_matrix.png")
     title = f"{config['task_sequence']} · {cfg.backbone} · {cfg.baseline}"
-    write_text_atomic(tmp / "README.md", model_card(config, results_markdown(matrix, title, meta)))
+    write_text_atomic(tmp / "README.md", model_card(config, results_markdown(matrix, title, meta), matrix.summary()))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

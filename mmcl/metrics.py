@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,6 +23,8 @@ __all__ = [
     "backward_transfer",
     "forgetting",
     "forward_transfer",
+    "continual_summary",
+    "EVALUATE_MODULE",
 ]
 
 
@@ -100,6 +103,29 @@ def weighted_incremental_accuracy(R: Any, n: Any) -> float:
     """AIA with each step's accuracy taken over all test examples of the tasks seen so far (DyTox's "Avg")."""
     R, n = _square(R), _counts(n, len(R))
     return float(np.mean([np.dot(R[t, : t + 1], n[: t + 1]) / n[: t + 1].sum() for t in range(R.shape[0])]))
+
+
+def continual_summary(R: Any, baseline: Any = None, examples: Any = None) -> dict[str, float | None]:
+    """The scalars of a square accuracy matrix: ACC, BWT, FWT (given the untrained model's accuracies
+    `baseline`), forgetting, AIA, and the sample-weighted ACC and AIA (given each task's test size `examples`);
+    None where undefined. The one place they are computed: every report (`AccuracyMatrix.summary`) and the
+    `evaluate` module (`EVALUATE_MODULE`) call it."""
+    R = _square(R)
+    T = len(R)
+    b = np.full(T, np.nan) if baseline is None else baseline
+    out: dict[str, float | None] = {
+        "acc_final": average_accuracy(R), "bwt": backward_transfer(R), "fwt": forward_transfer(R, b),
+        "forgetting": forgetting(R), "aia": average_incremental_accuracy(R),
+        "acc_final_weighted": None, "aia_weighted": None}
+    n = None if examples is None else np.asarray(examples, dtype=float).reshape(-1)
+    if n is not None and np.all(np.isfinite(n)) and np.all(n > 0):  # unknown in metrics.json from before
+        out["acc_final_weighted"] = weighted_accuracy(R, n)
+        out["aia_weighted"] = weighted_incremental_accuracy(R, n)
+    return out
+
+
+# `evaluate.load(EVALUATE_MODULE)`: the summary above as an `evaluate` metric module (a local file: offline)
+EVALUATE_MODULE = str(Path(__file__).with_name("evaluate_modules") / "continual" / "continual.py")
 
 
 def _counts(n: Any, T: int) -> np.ndarray:
@@ -291,16 +317,8 @@ class AccuracyMatrix:
             return out
         R = self.acc[:k, :k]
         F = self.f1[:k, :k]
-        out["acc_final"] = average_accuracy(R)
+        out.update(continual_summary(R, self.baseline[:k], self.examples[:k]))
         out["macro_f1_final"] = _opt_float(float(np.mean(F[-1])))
-        out["bwt"] = backward_transfer(R)
-        out["fwt"] = forward_transfer(R, self.baseline[:k])
-        out["forgetting"] = forgetting(R)
-        out["aia"] = average_incremental_accuracy(R)
-        n = self.examples[:k]
-        if np.all(np.isfinite(n)) and np.all(n > 0):  # unknown in metrics.json written before they were kept
-            out["acc_final_weighted"] = weighted_accuracy(R, n)
-            out["aia_weighted"] = weighted_incremental_accuracy(R, n)
         out["acc_per_task_final"] = [float(v) for v in R[-1]]
         out["macro_f1_per_task_final"] = [_opt_float(float(v)) for v in F[-1]]
         if self.til_acc is not None:

@@ -22,6 +22,7 @@ CASES = {
     "zero-rate": (["--learning_rate", "0"], "--learning_rate must be > 0, got 0.0"),
     "negative-memory": (VIT[:4] + ["--baseline", "replay", "--memory_size", "-1"], "--memory_size must be >= 0, got -1"),
     "push-without-id": (["--push_to_hub"], "--push_to_hub needs --hub_model_id OWNER/NAME"),
+    "unknown-tracker": (VIT + ["--report_to", "tensorbord"], "--report_to: unknown tracker(s) tensorbord; choose from"),
     "unsupported-scenario": (["--scenario", "cil", "--baseline", "hat"], "--baseline hat supports scenarios til, dil, not 'cil'"),
     "wrong-backbone-for-approach": (["--task", "split_digits", "--backbone", "convit", "--baseline", "coda_prompt"],
                                     "--backbone: prompts go inside self-attention, and TimmConvitBackbone's blocks"),

@@ -154,3 +154,21 @@ def test_hub_failures_name_the_repo_id_and_keep_the_export(toy_run, monkeypatch,
     assert f"the model folder is ready in {run_dir / 'hub'}" in err
     assert main(["push", str(run_dir), "--repo_id", "no-owner"]) == 2
     assert "'no-owner' is not a Hub repo id (OWNER/NAME)" in capsys.readouterr().err
+
+
+def test_the_card_has_a_model_index_huggingface_hub_parses(toy_run):
+    from huggingface_hub import ModelCard
+
+    engine, run_dir = toy_run
+    folder = export_run(run_dir)
+    card = ModelCard.load(folder / "README.md")
+    summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
+    results = {r.metric_type: r for r in card.data.eval_results}
+    expected = {k for k in ("acc_final", "bwt", "fwt", "forgetting", "aia", "acc_final_weighted", "aia_weighted")
+                if summary[k] is not None}
+    assert expected <= set(results) and "fwt" in results  # TIL: the untrained baseline makes FWT defined
+    for key in expected:
+        assert results[key].metric_value == pytest.approx(summary[key], abs=1e-4)
+        assert results[key].dataset_type == "toy" and results[key].dataset_config == "til"
+    assert card.data.library_name == "mmcl" and "continual-learning" in card.data.tags
+    assert "## How to use" in card.text and "mmcl eval --model" in card.text

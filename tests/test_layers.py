@@ -10,9 +10,9 @@ LAYERS = [
     {"atomic", "engine_errors", "registry", "options", "stream", "metrics", "feature_cache"},
     {"config", "memory", "heads", "data", "backbones"},
     {"approaches", "optim"},
-    {"evaluation", "rundir", "reporting", "devices", "flags", "compat"},
+    {"evaluation", "rundir", "reporting", "devices", "flags", "compat", "trackers"},
     {"engine"},
-    {"hub", "cli", "__init__"},
+    {"hub", "cli", "__init__", "evaluate_modules"},
 ]
 
 
