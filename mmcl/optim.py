@@ -82,14 +82,18 @@ class OptimizerStep:
         return getattr(self.accelerator, "scaler", None) is not None
 
     def grad_norm(self) -> torch.Tensor:
+        """The gradients' total norm, clipped to --clipgrad first where it is above it."""
+        if self.clipgrad and self._scaled:  # fp16: Accelerate unscales the gradients before it clips them
+            return torch.as_tensor(self.accelerator.clip_grad_norm_(self.params, self.clipgrad))
         grads = [p.grad for p in self.params if p.grad is not None]
-        if self.clipgrad:
-            if self.accelerator is not None:
-                return torch.as_tensor(self.accelerator.clip_grad_norm_(self.params, self.clipgrad))
-            return torch.nn.utils.clip_grad_norm_(self.params, self.clipgrad)
         if not grads:
             return torch.zeros(())
-        return torch.nn.utils.get_total_norm(grads)
+        norm = torch.nn.utils.get_total_norm(grads)
+        # torch's clip_grad_norm_ multiplies every gradient by min(1, clip / norm), a pass over all of them even
+        # when the factor is exactly 1 (no change): only scale when it is not (PyContinual's 10000 rarely bites)
+        if self.clipgrad and bool(norm > self.clipgrad):
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.clipgrad, norm)
+        return norm
 
     def __call__(self, loss: torch.Tensor, where: Callable[[], dict[str, Any]] | dict[str, Any]) -> bool:
         """One step on `loss`; returns False when the grad scaler skipped it. `where` (or a function

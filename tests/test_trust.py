@@ -115,6 +115,20 @@ def _tiny_step(accelerator=None, clipgrad=None):
     return model, opt, OptimizerStep(opt, accelerator=accelerator, clipgrad=clipgrad)
 
 
+@pytest.mark.parametrize("clipgrad", [1.0, 1e6])
+def test_gradients_above_clipgrad_are_scaled_to_it_and_others_left_exactly_as_they_are(clipgrad):
+    model, opt, step = _tiny_step(clipgrad=clipgrad)
+    (model(torch.full((8, 4), 10.0)).sum() * 100).backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    norm = step.grad_norm()
+    assert float(norm) == pytest.approx(float(torch.nn.utils.get_total_norm(before)))
+    after = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    if float(norm) > clipgrad:
+        assert float(after) == pytest.approx(clipgrad, rel=1e-5)
+    else:
+        assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("clipgrad", [None, 1.0])
 def test_an_infinite_gradient_with_a_finite_loss_stops_before_the_step(clipgrad):
     model, opt, step = _tiny_step(clipgrad=clipgrad)
