@@ -47,6 +47,11 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_binary_atomic(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """`write(f)` on a binary file that replaces `path` atomically (e.g. an Arrow stream writer's)."""
+    _atomic_write(path, write, binary=True, suffix=".tmp")
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace ``path`` with ``text`` so that readers see the old or the new content, never a mix."""
     _atomic_write(path, lambda f: f.write(text), binary=False, suffix=".tmp")

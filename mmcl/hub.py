@@ -34,18 +34,18 @@ def final_checkpoint(run_dir: Path, num_tasks: int) -> Path:
     return path
 
 
-# the summary scalars a card's model-index lists: metric id -> name (undefined ones are left out)
-CARD_METRICS = {"acc_final": "Final average accuracy (ACC, %)",
-                "acc_final_weighted": "Final accuracy over all test examples (%)", "macro_f1_final": "Final macro-F1 (%)", "bwt": "Backward transfer (BWT, points)",
-                "fwt": "Forward transfer (FWT, points)", "forgetting": "Forgetting (points)",
-                "aia": "Average incremental accuracy (AIA, %)", "aia_weighted": "AIA over all test examples (%)",
-                "til_acc_final": "Task-aware final accuracy (%)"}
+# the summary scalars a card's model-index lists besides results.md's (reporting.SUMMARY_ROWS); undefined ones
+# are left out
+WEIGHTED_METRICS = {"acc_final_weighted": "Final accuracy over all test examples (%)",
+                    "aia_weighted": "AIA over all test examples (%)"}
 
 
 def model_card(config: dict[str, Any], results_md: str, summary: dict[str, Any] | None = None) -> str:
     """The card: huggingface_hub's metadata (tags, and a model-index with each summary metric of the run on its
     task sequence and scenario, which the Hub shows as evaluation results), the results page, how to use it."""
     from huggingface_hub import EvalResult, ModelCardData
+
+    from mmcl.reporting import SUMMARY_ROWS
 
     run = config["run"]
     tags = ["continual-learning", config["approach"], config["backbone"].replace("/", "-"), config["scenario"]]
@@ -54,7 +54,8 @@ def model_card(config: dict[str, Any], results_md: str, summary: dict[str, Any] 
                           dataset_type=config["task_sequence"], dataset_name=config["task_sequence"],
                           dataset_config=config["scenario"], dataset_split=run.get("eval_split", "test"),
                           metric_type=key, metric_name=label, metric_value=round(float(summary[key]), 4))
-               for key, label in CARD_METRICS.items() if summary and summary.get(key) is not None]
+               for key, label in [*SUMMARY_ROWS, *WEIGHTED_METRICS.items()]
+               if summary and summary.get(key) is not None]
     data = ModelCardData(library_name="mmcl", tags=list(dict.fromkeys(tags)), datasets=[config["task_sequence"]],
                          metrics=["accuracy"], model_name=name, eval_results=results or None)
     usage = ["## How to use", "", "```python", "from mmcl.hub import from_pretrained", "",

@@ -105,7 +105,7 @@ def _meta_lines(meta: dict[str, Any]) -> list[str]:
     return lines
 
 
-_SUMMARY_ROWS = [
+SUMMARY_ROWS = [
     ("acc_final", "Final average accuracy (ACC, %)"),
     ("macro_f1_final", "Final macro-F1 (%)"),
     ("bwt", "Backward transfer (BWT, points)"),
@@ -140,7 +140,7 @@ def results_markdown(matrix: AccuracyMatrix, title: str, meta: dict[str, Any],
     if not failed:
         status = "complete" if k == matrix.T else "partial run: scalars over the tasks finished so far"
         lines += ["", f"Tasks done: **{k} / {matrix.T}** ({status}).", "", "## Summary", ""]
-        rows = [[label, f"`{key}`", _fmt(s[key])] for key, label in _SUMMARY_ROWS
+        rows = [[label, f"`{key}`", _fmt(s[key])] for key, label in SUMMARY_ROWS
                 if key != "til_acc_final" or matrix.til_acc is not None]
         lines += _table(["metric", "key in metrics.json", "value"], rows)
 

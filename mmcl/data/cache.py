@@ -4,7 +4,7 @@ splits, so a second run of the same text sequence does not tokenise again.
 `datasets` caches a transform's result only for data that lives in a file and names it by a fingerprint
 that, for data built in memory (every text reader's), is random per process. `content_fingerprint` names an
 in-memory split by what it holds instead; `prepared_file` is where a prepared split so named is kept, and
-`keep_split` writes it there (Arrow, written under a temporary name, then renamed) and reads it back
+`keep_split` writes it there (Arrow, through mmcl.atomic's temporary file and rename) and reads it back
 memory-mapped, as a later run will.
 """
 from __future__ import annotations
@@ -33,15 +33,17 @@ def keep_split(dataset, path: str):
     import datasets
     import pyarrow as pa
 
+    from mmcl.atomic import write_binary_atomic
+
     table = dataset.with_format("arrow")[:]  # the rows as selected; the schema carries the features
-    tmp = f"{path}.{os.getpid()}.tmp"
+
+    def write(f) -> None:
+        with pa.ipc.new_stream(f, table.schema) as writer:
+            writer.write_table(table)
+
     try:
-        with pa.OSFile(tmp, "wb") as f:
-            with pa.ipc.new_stream(f, table.schema) as writer:
-                writer.write_table(table)
-        os.replace(tmp, path)
+        write_binary_atomic(path, write)
     except OSError:  # a full or read-only cache: the run goes on with the split in memory
-        Path(tmp).unlink(missing_ok=True)
         return dataset
     return datasets.Dataset.from_file(path)
 
